@@ -1,0 +1,213 @@
+"""Model-space pipeline: native volume <-> the model's 128^3 cube at 1.5 mm.
+
+The official pipeline (SPEC §9) resamples the whole volume to 1.5 mm (torchio ``Resample``),
+reorients it to RAS+ (``ToCanonical``), crops/pads a 128^3 cube around the object (``CropOrPad``,
+zero padding) and z-normalises the cube over its voxels > 0. Each of those steps is a linear map
+of coordinates, so here they are composed into one: a :class:`CropGrid` is a RAS-aligned cube of
+``size`` voxels at ``spacing`` mm, and the native volume is sampled on it once, trilinearly,
+with zeros outside the volume. This touches only the crop (not the whole volume), is exact for
+oblique affines, and its inverse (:func:`crop_logits_to_native`) maps the model's *logits* back
+onto the native voxel grid, where they are thresholded.
+
+Conventions (docs/ARCHITECTURE.md): tensor axes 2, 3, 4 of a crop are R, A, S; crop voxel
+``(a, b, c)`` is at RAS ``origin + spacing * (a, b, c)``; point prompts use these units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MODEL_SPACING_MM = 1.5
+CROP_SIZE = 128
+
+
+@dataclass(frozen=True)
+class CropGrid:
+    """A RAS-aligned cube of ``size``^3 voxels, ``spacing`` mm apart, first voxel at ``origin``.
+
+    Hashable, so it keys the embedding cache: two crops on the same grid share an embedding.
+    """
+
+    origin: tuple[float, float, float]
+    spacing: float = MODEL_SPACING_MM
+    size: int = CROP_SIZE
+
+    @classmethod
+    def around(
+        cls,
+        center_ras: np.ndarray,
+        spacing: float = MODEL_SPACING_MM,
+        size: int = CROP_SIZE,
+        snap_mm: float = 0.0,
+    ) -> CropGrid:
+        """Grid whose voxel ``size // 2`` lies at (or, with ``snap_mm``, near) ``center_ras``.
+
+        Snapping the origin to a lattice of ``snap_mm`` lets nearby clicks land on the same grid
+        and so reuse its cached image embedding.
+        """
+        origin = np.asarray(center_ras, dtype=np.float64) - spacing * (size // 2)
+        if snap_mm > 0:
+            origin = np.round(origin / snap_mm) * snap_mm
+        return cls(tuple(float(v) for v in origin), float(spacing), int(size))
+
+    @property
+    def affine(self) -> np.ndarray:
+        """(4, 4) crop voxel (a, b, c, 1) -> RAS mm."""
+        aff = np.eye(4)
+        aff[:3, :3] *= self.spacing
+        aff[:3, 3] = self.origin
+        return aff
+
+    @property
+    def center_ras(self) -> np.ndarray:
+        return np.asarray(self.origin) + self.spacing * (self.size // 2)
+
+    def ras_to_crop(self, ras: np.ndarray) -> np.ndarray:
+        """RAS mm (..., 3) -> crop voxel units (..., 3)."""
+        return (np.asarray(ras, dtype=np.float64) - np.asarray(self.origin)) / self.spacing
+
+    def crop_to_ras(self, abc: np.ndarray) -> np.ndarray:
+        """Crop voxel units (..., 3) -> RAS mm (..., 3)."""
+        return np.asarray(self.origin) + self.spacing * np.asarray(abc, dtype=np.float64)
+
+    def contains(self, ras: np.ndarray, margin: float = 0.0) -> bool:
+        """True if the RAS point lies inside the cube, at least ``margin`` crop voxels from a face."""
+        abc = self.ras_to_crop(ras)
+        return bool(np.all(abc >= margin) and np.all(abc <= self.size - 1 - margin))
+
+
+def normalize_crop(x: torch.Tensor) -> torch.Tensor:
+    """Official z-normalisation (torchio ``ZNormalization(masking_method=x > 0)``), batched.
+
+    Mean and unbiased standard deviation are taken over the voxels > 0 of each sample (dim 0 is
+    the batch), then applied to every voxel. A sample with no spread is only centred (torchio
+    would raise). Pure tensor arithmetic: no host synchronisation, works on any device.
+    """
+    dims = tuple(range(1, x.ndim))
+    fg = (x > 0).to(x.dtype)
+    n = fg.sum(dims, keepdim=True)
+    mean = (x * fg).sum(dims, keepdim=True) / n.clamp_min(1)
+    var = (((x - mean) * fg) ** 2).sum(dims, keepdim=True) / (n - 1).clamp_min(1)
+    std = var.sqrt()
+    return (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
+
+
+def _normalized_grid(points: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Voxel coordinates (..., 3) of a (D, H, W) tensor -> grid_sample's [-1, 1] (x=W, y=H, z=D)."""
+    size = torch.tensor(shape, dtype=points.dtype, device=points.device)
+    norm = 2.0 * points / (size - 1).clamp_min(1) - 1.0
+    return norm.flip(-1)
+
+
+def _lattice(shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """(D, H, W, 4) homogeneous integer coordinates of every voxel of a box of ``shape``."""
+    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    return torch.cat([grid, torch.ones_like(grid[..., :1])], dim=-1)
+
+
+def sample_crop(volume: torch.Tensor, affine: np.ndarray, grid: CropGrid) -> torch.Tensor:
+    """Resample a native volume onto a crop grid (trilinear, zero outside the volume).
+
+    Args:
+        volume: (I, J, K) native intensities (any device).
+        affine: (4, 4) native voxel -> RAS.
+        grid: the crop.
+
+    Returns:
+        (1, 1, size, size, size) raw intensities on the crop (not normalised).
+    """
+    crop_to_native = np.linalg.inv(affine) @ grid.affine
+    # Only the native sub-box that the crop covers takes part: cheaper for large volumes.
+    lo, hi = native_bbox(grid, affine, volume.shape, pad=1)
+    sub = volume[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    if sub.numel() == 0:
+        return volume.new_zeros((1, 1, grid.size, grid.size, grid.size))
+    shift = np.eye(4)
+    shift[:3, 3] = -np.asarray(lo)
+    m = torch.as_tensor(shift @ crop_to_native, dtype=torch.float32, device=volume.device)
+    pts = _lattice((grid.size,) * 3, volume.device) @ m.T
+    sampled = F.grid_sample(
+        sub[None, None].float(),
+        _normalized_grid(pts[..., :3], tuple(sub.shape))[None],
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=True,
+    )
+    # grid_sample blends with zeros up to one voxel outside; the official pad is exactly zero.
+    inside = ((pts[..., :3] >= -0.5) & (pts[..., :3] <= torch.tensor(sub.shape, device=volume.device) - 0.5)).all(-1)
+    return sampled * inside[None, None]
+
+
+def native_bbox(
+    grid: CropGrid, affine: np.ndarray, shape: tuple[int, ...], pad: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Native voxel box [lo, hi) covering the crop cube (clipped to the volume)."""
+    corners = np.array(
+        [[a, b, c] for a in (-0.5, grid.size - 0.5) for b in (-0.5, grid.size - 0.5) for c in (-0.5, grid.size - 0.5)]
+    )
+    ras = grid.crop_to_ras(corners)
+    vox = (np.linalg.inv(affine) @ np.c_[ras, np.ones(8)].T).T[:, :3]
+    lo = np.clip(np.floor(vox.min(0)).astype(int) - pad, 0, shape[:3])
+    hi = np.clip(np.ceil(vox.max(0)).astype(int) + 1 + pad, 0, shape[:3])
+    return lo, hi
+
+
+def upsample_logits(low_res: torch.Tensor, size: int = CROP_SIZE) -> torch.Tensor:
+    """Official low-res (B, 1, 32, 32, 32) logits -> (B, 1, size^3), trilinear, align_corners=False."""
+    return F.interpolate(low_res, size=(size,) * 3, mode="trilinear", align_corners=False)
+
+
+def crop_logits_to_native(
+    logits: torch.Tensor, grid: CropGrid, affine: np.ndarray, shape: tuple[int, ...]
+) -> tuple[tuple[slice, slice, slice], torch.Tensor, torch.Tensor]:
+    """Map crop logits back onto the native grid (trilinear on the logits, not on a mask).
+
+    Args:
+        logits: (1, 1, size, size, size) full-resolution crop logits.
+        grid: the crop they live on.
+        affine: (4, 4) native voxel -> RAS.
+        shape: native volume shape (I, J, K).
+
+    Returns:
+        ``(bbox, values, inside)``: the native box as slices, the logits sampled at its voxels
+        (float32) and a bool tensor marking which of them lie inside the crop cube.
+    """
+    lo, hi = native_bbox(grid, affine, shape)
+    box = tuple(int(h - l) for l, h in zip(lo, hi))
+    bbox = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
+    if min(box) <= 0:
+        empty = logits.new_zeros(box)
+        return bbox, empty, empty.bool()
+    native_to_crop = np.linalg.inv(grid.affine) @ affine
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    m = torch.as_tensor(native_to_crop @ shift, dtype=torch.float32, device=logits.device)
+    pts = _lattice(box, logits.device) @ m.T
+    abc = pts[..., :3]
+    values = F.grid_sample(
+        logits.float(),
+        _normalized_grid(abc, (grid.size,) * 3)[None],
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=True,
+    )[0, 0]
+    inside = ((abc >= -0.5) & (abc <= grid.size - 0.5)).all(-1)
+    return bbox, values, inside
+
+
+def native_mask_to_crop_logits(
+    mask: torch.Tensor, affine: np.ndarray, grid: CropGrid, low_res: int = 32, scale: float = 8.0
+) -> torch.Tensor:
+    """A native binary mask as a low-res mask prompt on a crop: (1, 1, low_res^3) pseudo-logits.
+
+    Used to start an object from an existing segmentation and to carry an object's mask into a
+    neighbouring crop. Foreground maps to ``+scale``, background to ``-scale`` (SAM-style logits).
+    """
+    frac = sample_crop(mask.float(), affine, grid)
+    frac = F.interpolate(frac, size=(low_res,) * 3, mode="area")
+    return (frac * 2.0 - 1.0) * scale
