@@ -122,6 +122,9 @@ def sample_crop(volume: torch.Tensor, affine: np.ndarray, grid: CropGrid) -> tor
         (1, 1, size, size, size) raw intensities on the crop (not normalised).
     """
     crop_to_native = np.linalg.inv(affine) @ grid.affine
+    offset = crop_to_native[:3, 3]
+    if np.allclose(crop_to_native[:3, :3], np.eye(3), atol=1e-6) and np.allclose(offset, np.round(offset), atol=1e-4):
+        return _copy_aligned(volume, np.round(offset).astype(int), grid.size)
     # Only the native sub-box that the crop covers takes part: cheaper for large volumes.
     lo, hi = native_bbox(grid, affine, volume.shape, pad=1)
     sub = volume[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
@@ -141,6 +144,18 @@ def sample_crop(volume: torch.Tensor, affine: np.ndarray, grid: CropGrid) -> tor
     # grid_sample blends with zeros up to one voxel outside; the official pad is exactly zero.
     inside = ((pts[..., :3] >= -0.5) & (pts[..., :3] <= torch.tensor(sub.shape, device=volume.device) - 0.5)).all(-1)
     return sampled * inside[None, None]
+
+
+def _copy_aligned(volume: torch.Tensor, start: np.ndarray, size: int) -> torch.Tensor:
+    """Crop on the native lattice itself (same axes and spacing): an exact slice, zero-padded."""
+    out = volume.new_zeros((1, 1, size, size, size))
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + size, volume.shape)
+    if np.all(hi > lo):
+        src = tuple(slice(a, b) for a, b in zip(lo, hi))
+        dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+        out[(0, 0, *dst)] = volume[src]
+    return out
 
 
 def native_bbox(
