@@ -200,7 +200,7 @@ def build_from_config(config: ModelConfig) -> Sam3D:
         mlp_residual_after_norm=config.mlp_residual_after_norm,
         official_rel_pos=config.official_rel_pos,
         window_pad_unmasked=config.window_pad_unmasked,
-        fp16_rounding=config.fp16_rounding,
+        fp16_rounding=config.fp16_rounding and config.attention == "official_sparse",
         backend=config.backend,
     )
     prompt_encoder = PromptEncoder3D(

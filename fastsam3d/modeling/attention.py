@@ -156,7 +156,9 @@ def _split_axes(pattern: str, sizes: tuple[int, int, int], group: int) -> list[i
         if pattern == "global":
             shape += [1, n]
         elif n % group:
-            raise ValueError(f"{pattern!r} attention needs a token grid divisible by {group}, got {n}")
+            raise ValueError(
+                f"{pattern!r} attention needs a token grid divisible by {group}, got {n}"
+            )
         elif pattern == "grid":
             shape += [group, n // group]  # member index outer, group (offset) index inner
         else:
@@ -209,7 +211,7 @@ class Attention(nn.Module):
         ``key_mask``: bool broadcastable to (B, 1, 1, D*H*W), False = key ignored (global
         pattern only; masks window padding in clean models).
         """
-        b, d, h, w, c = x.shape
+        b, d, h, w, _ = x.shape
         qkv = self.qkv(x).reshape(b, d, h, w, 3, self.num_heads, self.head_dim)
         if self.pattern == "official_sparse":
             out = self._official_sparse(qkv)
