@@ -25,4 +25,11 @@ def info() -> None:
     table.add_row("torch", torch.__version__)
     table.add_row("cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available")
     table.add_row("cpu threads", str(torch.get_num_threads()))
+    from fastsam3d.modeling import available_backends
+    from fastsam3d.registry import DEFAULT_ARCH, list_architectures
+
+    table.add_row("attention backends", ", ".join(available_backends()))
+    for name, description in list_architectures():
+        default = " (default)" if name == DEFAULT_ARCH else ""
+        table.add_row(f"arch {name}{default}", description)
     console.print(table)

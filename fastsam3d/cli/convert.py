@@ -1,0 +1,44 @@
+"""``fastsam3d convert``: any supported checkpoint -> our safetensors format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from fastsam3d.cli import app
+
+console = Console(stderr=True)
+
+
+@app.command()
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="Official .pth or our .safetensors file.")],
+    out: Annotated[Path, typer.Argument(help="Output .safetensors file.")],
+    arch: Annotated[
+        str | None, typer.Option(help="Architecture (default: inferred from the tensors).")
+    ] = None,
+    decoder_checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="SAM-Med3D file giving the decoder of an encoder-only student."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="fp32, fp16 or int8 (Linear weights).")] = "fp32",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Convert CHECKPOINT to OUT.safetensors, with the architecture config in its metadata."""
+    from fastsam3d.checkpoint import save_safetensors
+    from fastsam3d.errors import FastSAM3DError
+    from fastsam3d.registry import build_model
+
+    try:
+        model = build_model(arch, checkpoint=checkpoint, decoder_checkpoint=decoder_checkpoint)
+        path = save_safetensors(
+            model, out, dtype=dtype, overwrite=overwrite, metadata={"source": checkpoint.name}
+        )
+    except (FastSAM3DError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    n = sum(p.numel() for p in model.parameters())
+    console.print(f"wrote {path} ({model.config.arch}, {n:,} parameters, {dtype})")
