@@ -306,7 +306,7 @@ def _config_for(
     if meta.get("format") == FORMAT and "config" in meta:
         stored = ModelConfig.from_dict(json.loads(meta["config"]))
         if arch is None or arch == stored.arch:
-            return get_config(stored.arch, **{**stored.to_dict(), **overrides})
+            return ModelConfig.from_dict({**stored.to_dict(), **overrides})
     try:
         sizes = infer_sizes(sd)
     except CheckpointError as exc:
