@@ -19,6 +19,7 @@ app = typer.Typer(
 # Command modules register themselves on `app` when imported.
 from fastsam3d.cli import info  # noqa: E402,F401
 from fastsam3d.cli import convert  # noqa: E402,F401
+from fastsam3d.cli import serve  # noqa: E402,F401
 
 
 def main() -> None:
