@@ -96,18 +96,26 @@ def normalize_crop(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
 
 
-def _normalized_grid(points: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Voxel coordinates (..., 3) of a (D, H, W) tensor -> grid_sample's [-1, 1] (x=W, y=H, z=D)."""
-    size = torch.tensor(shape, dtype=points.dtype, device=points.device)
-    norm = 2.0 * points / (size - 1).clamp_min(1) - 1.0
-    return norm.flip(-1)
+def _sampling_grid(
+    out_to_in: np.ndarray, out_shape: tuple[int, ...], in_shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """``grid_sample`` grid (1, *out_shape, 3) for a voxel map ``out_to_in`` (4x4, (d,h,w) order).
 
+    ``F.affine_grid`` works in normalised (x, y, z) = (w, h, d) coordinates with
+    ``align_corners=True``; the voxel map is conjugated into that space so the whole lattice is
+    produced by one native call instead of a hand-built coordinate array.
+    """
 
-def _lattice(shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-    """(D, H, W, 4) homogeneous integer coordinates of every voxel of a box of ``shape``."""
-    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in shape]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
-    return torch.cat([grid, torch.ones_like(grid[..., :1])], dim=-1)
+    def to_voxel(shape: tuple[int, ...]) -> np.ndarray:
+        half = (np.asarray(shape, dtype=np.float64) - 1) / 2
+        m = np.eye(4)
+        m[:3, :3] = np.diag(half)[:, ::-1]  # normalised (x, y, z) -> voxel (d, h, w)
+        m[:3, 3] = half
+        return m
+
+    theta = np.linalg.inv(to_voxel(in_shape)) @ out_to_in @ to_voxel(out_shape)
+    theta_t = torch.as_tensor(theta[:3], dtype=torch.float32, device=device)[None]
+    return F.affine_grid(theta_t, [1, 1, *out_shape], align_corners=True)
 
 
 def sample_crop(volume: torch.Tensor, affine: np.ndarray, grid: CropGrid) -> torch.Tensor:
@@ -132,18 +140,11 @@ def sample_crop(volume: torch.Tensor, affine: np.ndarray, grid: CropGrid) -> tor
         return volume.new_zeros((1, 1, grid.size, grid.size, grid.size))
     shift = np.eye(4)
     shift[:3, 3] = -np.asarray(lo)
-    m = torch.as_tensor(shift @ crop_to_native, dtype=torch.float32, device=volume.device)
-    pts = _lattice((grid.size,) * 3, volume.device) @ m.T
-    sampled = F.grid_sample(
-        sub[None, None].float(),
-        _normalized_grid(pts[..., :3], tuple(sub.shape))[None],
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=True,
+    sampling = _sampling_grid(shift @ crop_to_native, (grid.size,) * 3, tuple(sub.shape), volume.device)
+    # Zero outside the volume (the official CropOrPad pads with 0).
+    return F.grid_sample(
+        sub[None, None].float(), sampling, mode="bilinear", padding_mode="zeros", align_corners=True
     )
-    # grid_sample blends with zeros up to one voxel outside; the official pad is exactly zero.
-    inside = ((pts[..., :3] >= -0.5) & (pts[..., :3] <= torch.tensor(sub.shape, device=volume.device) - 0.5)).all(-1)
-    return sampled * inside[None, None]
 
 
 def _copy_aligned(volume: torch.Tensor, start: np.ndarray, size: int) -> torch.Tensor:
@@ -201,17 +202,13 @@ def crop_logits_to_native(
     native_to_crop = np.linalg.inv(grid.affine) @ affine
     shift = np.eye(4)
     shift[:3, 3] = lo
-    m = torch.as_tensor(native_to_crop @ shift, dtype=torch.float32, device=logits.device)
-    pts = _lattice(box, logits.device) @ m.T
-    abc = pts[..., :3]
+    sampling = _sampling_grid(native_to_crop @ shift, box, (grid.size,) * 3, logits.device)
     values = F.grid_sample(
-        logits.float(),
-        _normalized_grid(abc, (grid.size,) * 3)[None],
-        mode="bilinear",
-        padding_mode="border",
-        align_corners=True,
+        logits.float(), sampling, mode="bilinear", padding_mode="border", align_corners=True
     )[0, 0]
-    inside = ((abc >= -0.5) & (abc <= grid.size - 0.5)).all(-1)
+    # Inside the cube = within half a crop voxel of its outer voxel centres.
+    edge = 1.0 + 1.0 / (grid.size - 1)
+    inside = (sampling[0].abs() <= edge).all(-1)
     return bbox, values, inside
 
 

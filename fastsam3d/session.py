@@ -1,0 +1,583 @@
+"""The interactive session: a volume in, clicks in, a label map out. Every front end uses it.
+
+Usage::
+
+    from fastsam3d import Session, load_volume
+    session = Session(model="default")            # or a checkpoint path, or a built model
+    session.set_volume(load_volume("ct.nii.gz"))
+    edit = session.add_point((60, 48, 55))         # voxel (i, j, k) of the stored array
+    edit = session.add_point((-12.0, 30.5, 80.0), positive=False, coords="ras")
+    session.new_object()                           # next label id, now active
+    session.undo(); session.redo()
+    labels = session.label_map                     # (I, J, K) uint16 on the input grid
+
+Crop policy (how one model crop of 128^3 voxels at 1.5 mm = 192 mm covers any object):
+
+1. The first click of an object opens a crop (a *tile*) centred on it (snapped to a 12 mm
+   lattice so neighbouring clicks reuse the cached image embedding). The first prediction gets
+   an all-zero mask prompt, as the official click loop does.
+2. A later click that lies inside one of the object's tiles (at least ``margin`` crop voxels
+   from its faces; the nearest tile centre wins) refines that tile: the tile's previous low-res
+   logits are the mask prompt and the object's clicks inside the tile are the point prompts
+   (``click_history="all"``, as SAM-Med3D's inference) or only the newest
+   (``click_history="last"``, as FastSAM3D's evaluation). The embedding is reused.
+3. A click outside all of the object's tiles opens a new tile centred on it, with the object's
+   current mask carried in as the mask prompt.
+4. After every prediction, wherever the tile's mask touches a face of the cube beyond which the
+   volume goes on, the session opens the neighbouring tile (shifted by 3/4 of a cube along that
+   axis, so neighbours overlap by 32 voxels), prompted with the carried-over mask and a
+   positive point inside the overlap, and repeats for the new tile: large organs (liver, lungs)
+   come out whole instead of cut by a straight seam. At most ``max_new_tiles`` tiles are opened
+   per interaction, which bounds the latency.
+5. Tiles are stitched on the native grid: each tile's logits are mapped back (trilinear, on the
+   logits) and, where tiles overlap, the most recently predicted tile wins.
+
+Several objects: each has its own clicks, tiles and mask. With ``protect=True`` (default) the
+voxels of other objects are never overwritten: an object only claims voxels that are background
+or already its own, and voxels it gives up return to any other object that predicted them.
+Undo/redo restore both the label map and the objects' prompt state. Every call is recorded in
+:attr:`Session.log`, a :class:`~fastsam3d.prompts.PromptLog` that :meth:`Session.replay` runs
+again exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import fastsam3d
+from fastsam3d import geometry
+from fastsam3d.errors import FastSAM3DError, PromptError
+from fastsam3d.io.read import Volume
+from fastsam3d.predictor import Predictor, load_predictor
+from fastsam3d.prompts import PromptEvent, PromptLog, decode_mask, encode_mask
+from fastsam3d.transforms import (
+    CropGrid,
+    crop_logits_to_native,
+    native_bbox,
+    native_mask_to_crop_logits,
+    normalize_crop,
+    sample_crop,
+    upsample_logits,
+)
+
+Box3 = tuple[np.ndarray, np.ndarray]  # (lo, hi) corners, RAS mm
+
+
+@dataclass
+class Edit:
+    """What one interaction changed, so front ends copy only that.
+
+    ``label_map[bbox] == patch`` after the edit; ``bbox`` is in native voxel indices.
+    """
+
+    object_id: int
+    bbox: tuple[slice, slice, slice]
+    patch: np.ndarray
+    seconds: float = 0.0
+    iou: float | None = None
+    tiles: int = 0  # how many model crops the object spans after the edit
+
+
+@dataclass(frozen=True)
+class _Tile:
+    grid: CropGrid
+    logits: torch.Tensor  # (1, 1, 32, 32, 32) low-res logits of the last prediction
+
+
+@dataclass(frozen=True)
+class _SparseMask:
+    """A bool mask stored only over the box [lo, lo + arr.shape) of the native grid."""
+
+    lo: tuple[int, int, int] = (0, 0, 0)
+    arr: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), bool))
+
+    def region(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        out = np.zeros(tuple(hi - lo), bool)
+        a = np.maximum(lo, self.lo)
+        b = np.minimum(hi, np.asarray(self.lo) + self.arr.shape)
+        if np.all(b > a):
+            out[tuple(slice(x - y, z - y) for x, y, z in zip(a, lo, b))] = self.arr[
+                tuple(slice(x - y, z - y) for x, y, z in zip(a, self.lo, b))
+            ]
+        return out
+
+    def with_region(self, lo: np.ndarray, hi: np.ndarray, values: np.ndarray) -> _SparseMask:
+        """A new mask equal to this one with the box [lo, hi) replaced by ``values``."""
+        if self.arr.size:
+            new_lo = np.minimum(lo, self.lo)
+            new_hi = np.maximum(hi, np.asarray(self.lo) + self.arr.shape)
+        else:
+            new_lo, new_hi = np.asarray(lo), np.asarray(hi)
+        merged = self.region(new_lo, new_hi)
+        merged[tuple(slice(a - b, c - b) for a, b, c in zip(lo, new_lo, hi))] = values
+        nz = np.argwhere(merged)
+        if len(nz) == 0:
+            return _SparseMask()
+        tlo, thi = nz.min(0), nz.max(0) + 1
+        arr = merged[tuple(slice(a, b) for a, b in zip(tlo, thi))].copy()
+        return _SparseMask(tuple(int(v) for v in tlo + new_lo), arr)
+
+
+@dataclass(frozen=True)
+class _Object:
+    clicks: tuple[tuple[tuple[float, float, float], bool], ...] = ()  # (RAS mm, positive)
+    box: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # RAS lo, hi
+    tiles: tuple[_Tile, ...] = ()
+    mask: _SparseMask = field(default_factory=_SparseMask)
+
+
+@dataclass
+class _Step:
+    """One undoable interaction: label-map patch before/after and the object states around it."""
+
+    bbox: tuple[slice, slice, slice]
+    before: np.ndarray
+    after: np.ndarray
+    objects_before: dict[int, _Object]
+    objects_after: dict[int, _Object]
+    active_before: int
+    active_after: int
+
+
+class Session:
+    """Interactive segmentation of one volume (see the module docstring for the policy).
+
+    Args:
+        model: ``"default"`` (bundled weights), a checkpoint path, a built model or a
+            :class:`~fastsam3d.predictor.Predictor`.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        protect: never overwrite voxels of other objects.
+        click_history: ``"all"`` clicks of the object inside the tile, or only the ``"last"``.
+        max_new_tiles: how many tiles one interaction may open (bounds latency).
+        history: how many steps undo keeps.
+    """
+
+    margin = 8  # crop voxels: a click closer than this to a tile face opens a new tile
+    snap_mm = 12.0
+
+    def __init__(
+        self,
+        model: str | Path | torch.nn.Module | Predictor = "default",
+        device: str = "auto",
+        *,
+        protect: bool = True,
+        click_history: str = "all",
+        max_new_tiles: int = 6,
+        history: int = 32,
+    ):
+        if isinstance(model, Predictor):
+            self.predictor, self.model_name = model, "predictor"
+        else:
+            self.predictor, self.model_name = load_predictor(model, device)
+        if click_history not in ("all", "last"):
+            raise ValueError("click_history must be 'all' or 'last'")
+        self.protect = protect
+        self.click_history = click_history
+        self.max_new_tiles = max_new_tiles
+        self.history = history
+        self._lock = threading.RLock()
+        self._volume: Volume | None = None
+
+    # ------------------------------------------------------------------ state
+    def set_volume(self, volume: Volume) -> None:
+        """Start on a new volume: one empty object (id 1), empty history and log."""
+        with self._lock:
+            self._volume = volume
+            dev = self.predictor.device
+            self._vol_t = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32)).to(dev)
+            self.label_map = np.zeros(volume.array.shape, dtype=np.uint16)
+            self._objects: dict[int, _Object] = {1: _Object()}
+            self.active_object = 1
+            self._undo: list[_Step] = []
+            self._redo: list[_Step] = []
+            self.predictor.clear_cache()
+            self.log = PromptLog(
+                volume={
+                    "source": None if volume.source is None else str(volume.source),
+                    "shape": list(volume.array.shape),
+                    "affine": np.asarray(volume.affine).tolist(),
+                },
+                model=self.model_name,
+                version=fastsam3d.__version__,
+            )
+
+    @property
+    def volume(self) -> Volume:
+        if self._volume is None:
+            raise FastSAM3DError("no volume set: call set_volume() first")
+        return self._volume
+
+    @property
+    def objects(self) -> list[int]:
+        return sorted(self._objects)
+
+    def mask(self, object_id: int | None = None) -> np.ndarray:
+        """Bool mask (I, J, K) of one object as shown in the label map."""
+        return self.label_map == self._object_id(object_id)
+
+    def clicks(self, object_id: int | None = None) -> list[tuple[np.ndarray, bool]]:
+        """The object's clicks as (RAS mm, positive)."""
+        return [(np.asarray(r), p) for r, p in self._objects[self._object_id(object_id)].clicks]
+
+    def _object_id(self, object_id: int | None) -> int:
+        self.volume  # noqa: B018 - raises if no volume
+        oid = self.active_object if object_id is None else int(object_id)
+        if oid not in self._objects:
+            known = ", ".join(map(str, self.objects))
+            raise PromptError(f"object {oid} does not exist (objects: {known}); create it with new_object()")
+        return oid
+
+    # ------------------------------------------------------------------ prompts
+    def add_point(
+        self, point, positive: bool = True, object_id: int | None = None, coords: str = "voxel"
+    ) -> Edit:
+        """Add a click and re-segment the object.
+
+        Args:
+            point: (3,) position in ``coords``: ``"voxel"`` (i, j, k of the stored array),
+                ``"ras"`` or ``"lps"`` world millimetres.
+            positive: True to add the clicked structure, False to remove.
+            object_id: the object to refine (default: the active one); it becomes active.
+        """
+        with self._lock:
+            oid = self._object_id(object_id)
+            ras = self._to_ras(point, coords)
+            self.log.events.append(PromptEvent("point", oid, ras.tolist(), bool(positive)))
+            return self._click(oid, ras, bool(positive))
+
+    def add_box(self, lo, hi, object_id: int | None = None, coords: str = "voxel") -> Edit:
+        """Segment the object inside a 3D box (models trained with boxes only).
+
+        ``lo`` and ``hi`` are opposite corners in ``coords``; the box becomes the object's first
+        prompt (its previous tiles are dropped) and later clicks refine it.
+        """
+        with self._lock:
+            oid = self._object_id(object_id)
+            if not self.predictor.accepts_boxes:
+                raise PromptError("this model was not trained with box prompts; use clicks instead")
+            a, b = self._to_ras(lo, coords), self._to_ras(hi, coords)
+            box = (tuple(np.minimum(a, b)), tuple(np.maximum(a, b)))
+            self.log.events.append(PromptEvent("box", oid, lo_ras=list(box[0]), hi_ras=list(box[1])))
+            t0 = time.perf_counter()
+            before = dict(self._objects)
+            center = (np.asarray(box[0]) + np.asarray(box[1])) / 2
+            grid = CropGrid.around(center, snap_mm=self.snap_mm)
+            obj = replace(self._objects[oid], box=box, tiles=(), clicks=())
+            tile, iou = self._predict(grid, obj, torch.zeros(1, 1, 32, 32, 32))
+            return self._commit(oid, obj, [tile], before, t0, iou)
+
+    def new_object(self, object_id: int | None = None) -> int:
+        """Create an object (next free label id unless given) and make it active."""
+        with self._lock:
+            self.volume  # noqa: B018
+            oid = (max(self._objects) + 1) if object_id is None else int(object_id)
+            if oid in self._objects:
+                raise PromptError(f"object {oid} already exists")
+            if not 0 < oid < 65536:
+                raise PromptError(f"object id {oid} is out of range 1..65535")
+            self._objects[oid] = _Object()
+            self.active_object = oid
+            self.log.events.append(PromptEvent("new_object", oid))
+            return oid
+
+    def set_mask(self, object_id: int, mask: np.ndarray) -> Edit:
+        """Start (or replace) an object from an existing mask on the volume's grid; the next
+        click refines it (the mask becomes the mask prompt)."""
+        with self._lock:
+            oid = self._object_id(object_id)
+            mask = np.asarray(mask).astype(bool)
+            if mask.shape != self.label_map.shape:
+                raise PromptError(f"mask shape {mask.shape} does not match the volume {self.label_map.shape}")
+            self.log.events.append(PromptEvent("set_mask", oid, mask=encode_mask(mask)))
+            t0 = time.perf_counter()
+            before = dict(self._objects)
+            old = self._objects[oid]
+            full_lo, full_hi = np.zeros(3, int), np.asarray(mask.shape)
+            new = _Object(mask=_SparseMask().with_region(full_lo, full_hi, mask))
+            self._objects[oid] = new
+            region = _union_box([_mask_box(old.mask), _mask_box(new.mask)])
+            return self._apply(oid, region, before, t0)
+
+    def reset(self, object_id: int | None = None) -> Edit:
+        """Forget an object's prompts and mask (it stays, empty)."""
+        with self._lock:
+            oid = self._object_id(object_id)
+            self.log.events.append(PromptEvent("reset", oid))
+            t0 = time.perf_counter()
+            before = dict(self._objects)
+            region = _mask_box(self._objects[oid].mask)
+            self._objects[oid] = _Object()
+            return self._apply(oid, region, before, t0)
+
+    def clear(self) -> Edit:
+        """Remove every object (undoable); one empty object 1 remains, active."""
+        with self._lock:
+            self.volume  # noqa: B018
+            self.log.events.append(PromptEvent("clear"))
+            t0 = time.perf_counter()
+            before = dict(self._objects)
+            active_before = self.active_object
+            self._objects = {1: _Object()}
+            self.active_object = 1
+            region = (np.zeros(3, int), np.asarray(self.label_map.shape))
+            return self._apply(1, region, before, t0, active_before=active_before)
+
+    # ------------------------------------------------------------------ history
+    def undo(self) -> Edit | None:
+        """Undo the last interaction; None if there is nothing to undo."""
+        with self._lock:
+            return self._travel(self._undo, self._redo, "undo")
+
+    def redo(self) -> Edit | None:
+        """Redo the last undone interaction; None if there is nothing to redo."""
+        with self._lock:
+            return self._travel(self._redo, self._undo, "redo")
+
+    def _travel(self, source: list[_Step], target: list[_Step], op: str) -> Edit | None:
+        self.volume  # noqa: B018
+        if not source:
+            return None
+        step = source.pop()
+        target.append(step)
+        self.log.events.append(PromptEvent(op))
+        forward = op == "redo"
+        patch = step.after if forward else step.before
+        self.label_map[step.bbox] = patch
+        self._objects = dict(step.objects_after if forward else step.objects_before)
+        self.active_object = step.active_after if forward else step.active_before
+        return Edit(self.active_object, step.bbox, patch.copy())
+
+    # ------------------------------------------------------------------ replay
+    def replay(self, log: PromptLog) -> list[Edit]:
+        """Run a prompt log's events on the current volume (points are in world mm, so the log
+        also replays on a re-exported copy of the scan). Returns the edits in order."""
+        edits: list[Edit | None] = []
+        for n, ev in enumerate(log.events):
+            try:
+                if ev.op == "point":
+                    if ev.object_id is not None and ev.object_id not in self._objects:
+                        self.new_object(ev.object_id)
+                    edits.append(self.add_point(ev.ras, bool(ev.positive), ev.object_id, coords="ras"))
+                elif ev.op == "box":
+                    if ev.object_id is not None and ev.object_id not in self._objects:
+                        self.new_object(ev.object_id)
+                    edits.append(self.add_box(ev.lo_ras, ev.hi_ras, ev.object_id, coords="ras"))
+                elif ev.op == "new_object":
+                    if ev.object_id in self._objects:
+                        self.active_object = ev.object_id
+                    else:
+                        self.new_object(ev.object_id)
+                elif ev.op == "set_mask":
+                    if ev.object_id not in self._objects:
+                        self.new_object(ev.object_id)
+                    edits.append(self.set_mask(ev.object_id, decode_mask(ev.mask, self.label_map.shape)))
+                elif ev.op in ("undo", "redo"):
+                    edits.append(getattr(self, ev.op)())
+                elif ev.op == "reset":
+                    edits.append(self.reset(ev.object_id))
+                elif ev.op == "clear":
+                    edits.append(self.clear())
+            except FastSAM3DError as err:
+                raise PromptError(f"prompt log event {n} ({ev.op}): {err}") from None
+        return [e for e in edits if e is not None]
+
+    # ------------------------------------------------------------------ internals
+    def _to_ras(self, point, coords: str) -> np.ndarray:
+        vol = self.volume
+        vox = geometry.to_voxel(np.asarray(point, dtype=np.float64).reshape(1, 3), coords, vol.affine)[0]
+        geometry.check_inside(vox, vol.array.shape)
+        return geometry.from_voxel(vox.reshape(1, 3), "ras", vol.affine)[0]
+
+    def _click(self, oid: int, ras: np.ndarray, positive: bool) -> Edit:
+        t0 = time.perf_counter()
+        before = dict(self._objects)
+        obj = self._objects[oid]
+        obj = replace(obj, clicks=obj.clicks + ((tuple(ras), positive),))
+        tile = self._tile_at(obj, ras)
+        if tile is not None:
+            grid, mask_in = tile.grid, tile.logits
+        else:
+            grid = CropGrid.around(ras, snap_mm=self.snap_mm)
+            mask_in = self._carried_mask(obj, grid)
+        new_tile, iou = self._predict(grid, obj, mask_in)
+        return self._commit(oid, obj, self._grow([new_tile], obj), before, t0, iou)
+
+    def _tile_at(self, obj: _Object, ras: np.ndarray) -> _Tile | None:
+        """The object's tile that holds ``ras`` well inside, nearest centre first."""
+        inside = [t for t in obj.tiles if t.grid.contains(ras, self.margin)]
+        if not inside:
+            return None
+        return min(inside, key=lambda t: float(np.linalg.norm(t.grid.center_ras - ras)))
+
+    def _carried_mask(self, obj: _Object, grid: CropGrid) -> torch.Tensor:
+        """Mask prompt for a new tile: the object's current mask resampled into it, or the
+        official all-zero prompt when the object has no mask yet."""
+        if not obj.mask.arr.any():
+            return torch.zeros(1, 1, 32, 32, 32)
+        lo, hi = native_bbox(grid, self.volume.affine, self.label_map.shape)
+        full = np.zeros(self.label_map.shape, bool)
+        full[tuple(slice(a, b) for a, b in zip(lo, hi))] = obj.mask.region(lo, hi)
+        return native_mask_to_crop_logits(torch.from_numpy(full).to(self.predictor.device), self.volume.affine, grid)
+
+    def _predict(self, grid: CropGrid, obj: _Object, mask_in: torch.Tensor) -> tuple[_Tile, float]:
+        """Run the model on one tile with the object's prompts that fall inside it."""
+        pred = self.predictor
+        if not pred.is_cached(grid):
+            crop = sample_crop(self._vol_t, self.volume.affine, grid)
+            pred.set_image(normalize_crop(crop), key=grid)
+        else:
+            pred.set_image(key=grid)
+        clicks = [c for c in obj.clicks if grid.contains(np.asarray(c[0]))]
+        if self.click_history == "last":
+            clicks = clicks[-1:]
+        points = labels = None
+        if clicks:
+            points = torch.tensor(np.array([grid.ras_to_crop(np.asarray(r)) for r, _ in clicks]), dtype=torch.float32)
+            labels = torch.tensor([int(p) for _, p in clicks])
+        box = None
+        if obj.box is not None:
+            lo = np.clip(grid.ras_to_crop(np.asarray(obj.box[0])), 0, grid.size - 1)
+            hi = np.clip(grid.ras_to_crop(np.asarray(obj.box[1])), 0, grid.size - 1)
+            box = torch.tensor(np.stack([lo, hi]), dtype=torch.float32)
+        low_res, iou = pred.predict(points, labels, box=box, mask_input=mask_in)
+        return _Tile(grid, low_res), float(iou.flatten()[0])
+
+    def _grow(self, tiles: list[_Tile], obj: _Object) -> list[_Tile]:
+        """Open neighbouring tiles where a tile's mask touches a face with volume beyond it
+        (policy step 4). Returns the new tiles in prediction order."""
+        queue = list(tiles)
+        known = [t.grid for t in obj.tiles] + [t.grid for t in tiles]
+        while queue and len(tiles) < self.max_new_tiles + 1:
+            tile = queue.pop(0)
+            for grid, point, carried in self._neighbours(tile):
+                if any(g.contains(grid.center_ras, self.margin) for g in known):
+                    continue
+                if len(tiles) >= self.max_new_tiles + 1:
+                    break
+                seed = replace(obj, clicks=((tuple(point), True),), box=None)
+                new_tile, _ = self._predict(grid, seed, carried)
+                tiles.append(new_tile)
+                known.append(grid)
+                queue.append(new_tile)
+        return tiles
+
+    def _neighbours(self, tile: _Tile):
+        """For each face the tile's mask touches with volume beyond: (grid, seed point RAS,
+        carried low-res mask prompt)."""
+        grid = tile.grid
+        size = grid.size
+        mask = upsample_logits(tile.logits)[0, 0] > 0
+        low = tile.logits.shape[-1]
+        step_low = low * 3 // 4  # neighbour offset in low-res voxels (24 of 32)
+        step = size * 3 // 4  # the same in crop voxels (96 of 128)
+        inv = np.linalg.inv(self.volume.affine)
+        shape = np.asarray(self.label_map.shape)
+        for axis in range(3):
+            for side in (-1, 1):
+                face = mask.select(axis, size - 1 if side > 0 else 0)
+                if not bool(face.any()):
+                    continue
+                # Is there volume just beyond the touching part of the face?
+                pts2d = torch.nonzero(face).cpu().numpy()
+                abc = np.insert(pts2d.astype(float), axis, size - 1 + side if side > 0 else -1, axis=1)
+                vox = (inv @ np.c_[grid.crop_to_ras(abc), np.ones(len(abc))].T).T[:, :3]
+                if not np.any(np.all((vox >= -0.5) & (vox <= shape - 0.5), axis=1)):
+                    continue
+                shift = np.zeros(3)
+                shift[axis] = side * step * grid.spacing
+                new_grid = CropGrid(tuple(np.asarray(grid.origin) + shift), grid.spacing, size)
+                # Seed: a mask voxel in the middle of the overlap slab, nearest its centroid.
+                lo_d, hi_d = (step + 8, size - 8) if side > 0 else (8, size - step - 8)
+                slab = mask.narrow(axis, lo_d, hi_d - lo_d)
+                idx = torch.nonzero(slab).cpu().numpy().astype(float)
+                if len(idx) == 0:
+                    continue
+                idx[:, axis] += lo_d
+                seed = idx[np.argmin(np.linalg.norm(idx - idx.mean(0), axis=1))]
+                carried = torch.zeros_like(tile.logits)
+                src = tile.logits.narrow(axis + 2, step_low if side > 0 else 0, low - step_low)
+                carried.narrow(axis + 2, 0 if side > 0 else step_low, low - step_low).copy_(src)
+                yield new_grid, grid.crop_to_ras(seed), carried
+
+    def _commit(
+        self, oid: int, obj: _Object, new_tiles: list[_Tile], before: dict[int, _Object], t0: float, iou: float
+    ) -> Edit:
+        """Stitch the new tiles into the object's mask and the label map, record the step."""
+        grids = {t.grid for t in new_tiles}
+        tiles = tuple(t for t in obj.tiles if t.grid not in grids) + tuple(new_tiles)
+        affine, shape = self.volume.affine, self.label_map.shape
+        boxes = [native_bbox(t.grid, affine, shape) for t in new_tiles]
+        lo = np.min([b[0] for b in boxes], axis=0)
+        hi = np.max([b[1] for b in boxes], axis=0)
+        canvas = torch.full(tuple(hi - lo), -torch.inf, device=self.predictor.device)
+        for t in tiles:  # later tiles win where tiles overlap
+            bbox, values, inside = crop_logits_to_native(upsample_logits(t.logits), t.grid, affine, shape)
+            a = np.maximum([s.start for s in bbox], lo)
+            b = np.minimum([s.stop for s in bbox], hi)
+            if np.any(b <= a):
+                continue
+            src = tuple(slice(x - s.start, y - s.start) for x, y, s in zip(a, b, bbox))
+            dst = tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))
+            canvas[dst] = torch.where(inside[src], values[src], canvas[dst])
+        region_mask = (canvas > 0).cpu().numpy()
+        new_obj = replace(obj, tiles=tiles, mask=obj.mask.with_region(lo, hi, region_mask))
+        self._objects[oid] = new_obj
+        old_box = _mask_box(before[oid].mask) if oid in before else None
+        region = _union_box([old_box, (lo, hi)])
+        edit = self._apply(oid, region, before, t0)
+        edit.iou, edit.tiles = iou, len(tiles)
+        return edit
+
+    def _apply(
+        self,
+        oid: int,
+        region: tuple[np.ndarray, np.ndarray] | None,
+        before: dict[int, _Object],
+        t0: float,
+        active_before: int | None = None,
+    ) -> Edit:
+        """Write object ``oid`` into the label map inside ``region`` (protect rule), refill
+        freed voxels from other objects, and push an undo step."""
+        active_before = self.active_object if active_before is None else active_before
+        self.active_object = oid
+        if region is None:
+            region = (np.zeros(3, int), np.zeros(3, int))
+        lo, hi = region
+        bbox = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        view = self.label_map[bbox]
+        old = view.copy()
+        if view.size:
+            mine = self._objects[oid].mask.region(lo, hi) if oid in self._objects else np.zeros(view.shape, bool)
+            view[(view == oid) & ~mine] = 0
+            view[mine & ((view == 0) | (not self.protect))] = oid
+            for other, obj in self._objects.items():
+                if other != oid and obj.mask.arr.size:
+                    view[(view == 0) & obj.mask.region(lo, hi)] = other
+            # labels of objects that no longer exist (clear) are dropped
+            view[~np.isin(view, [0, *self._objects])] = 0
+        self._undo.append(
+            _Step(bbox, old, view.copy(), before, dict(self._objects), active_before, self.active_object)
+        )
+        del self._undo[: -self.history]
+        self._redo.clear()
+        return Edit(oid, bbox, view.copy(), time.perf_counter() - t0)
+
+
+def _mask_box(mask: _SparseMask) -> tuple[np.ndarray, np.ndarray] | None:
+    if not mask.arr.size:
+        return None
+    lo = np.asarray(mask.lo)
+    return lo, lo + mask.arr.shape
+
+
+def _union_box(boxes) -> tuple[np.ndarray, np.ndarray] | None:
+    boxes = [b for b in boxes if b is not None]
+    if not boxes:
+        return None
+    return np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0)

@@ -1,0 +1,186 @@
+"""Session semantics: clicks, embedding reuse, undo/redo, several objects, re-cropping, replay."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastsam3d.errors import PromptError
+from fastsam3d.io.read import Volume
+from fastsam3d.prompts import PromptLog
+from fastsam3d.registry import build_model
+from fastsam3d.session import Session
+
+
+def _tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(
+        "fastsam3d_dilated", embed_dim=48, depth=3, num_heads=3, out_chans=32, prompt_embed_dim=32
+    )
+
+
+def _constant_model(sign: float) -> torch.nn.Module:
+    """A real model whose decoder is set to output logits of one sign everywhere: a predictable
+    object (the whole crop, or nothing) for testing tiling and stitching."""
+    model = _tiny_model()
+    dec = model.mask_decoder
+    with torch.no_grad():
+        up = dec.output_upscaling[-2]  # last ConvTranspose3d (then GELU)
+        up.weight.zero_()
+        up.bias.fill_(1.0)
+        for mlp in dec.output_hypernetworks_mlps:
+            last = mlp.layers[-1]
+            last.weight.zero_()
+            last.bias.fill_(sign)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return _tiny_model()
+
+
+def _volume(shape=(48, 40, 36), spacing=2.0, seed=0) -> Volume:
+    rng = np.random.default_rng(seed)
+    arr = rng.normal(100, 10, size=shape).astype(np.float32)
+    arr[10:30, 10:30, 10:30] += 200  # a bright cube
+    aff = np.diag([spacing, spacing, spacing, 1.0])
+    aff[:3, 3] = (-40.0, -30.0, 20.0)
+    return Volume(arr, aff)
+
+
+def test_refinement_reuses_the_embedding(tiny_model):
+    s = Session(tiny_model, device="cpu")
+    s.set_volume(_volume())
+    s.add_point((20, 20, 20))
+    calls = s.predictor.encoder_calls
+    s.add_point((22, 18, 21), positive=False)
+    s.add_point((18, 21, 19))
+    assert s.predictor.encoder_calls == calls  # same crop: prompt encoder + decoder only
+    assert s.log.events[-1].op == "point" and len(s.clicks()) == 3
+
+
+def test_undo_redo_restore_label_map_and_prompts(tiny_model):
+    s = Session(tiny_model, device="cpu")
+    s.set_volume(_volume())
+    s.add_point((20, 20, 20))
+    first = s.label_map.copy()
+    s.add_point((25, 25, 25), positive=False)
+    second = s.label_map.copy()
+    edit = s.undo()
+    assert np.array_equal(s.label_map, first) and len(s.clicks()) == 1
+    assert np.array_equal(s.label_map[edit.bbox], edit.patch)
+    s.redo()
+    assert np.array_equal(s.label_map, second) and len(s.clicks()) == 2
+    s.undo(), s.undo()
+    assert not s.label_map.any()
+    assert s.undo() is None  # nothing left
+
+
+def test_objects_never_overwrite_each_other():
+    s = Session(_constant_model(+1.0), device="cpu")  # every click claims its whole crop
+    s.set_volume(_volume())
+    s.add_point((10, 10, 10))
+    one = s.label_map == 1
+    assert one.all()  # the crop (128 x 1.5 mm) covers this small volume
+    two = s.new_object()
+    s.add_point((30, 30, 30), object_id=two)
+    assert np.array_equal(s.label_map == 1, one)  # object 1 is protected
+    assert not (s.label_map == 2).any()
+    s.reset(1)  # voxels object 1 gives up return to object 2, which predicted them
+    assert (s.label_map == 2).all()
+
+
+def test_unprotected_session_lets_the_new_object_win():
+    s = Session(_constant_model(+1.0), device="cpu", protect=False)
+    s.set_volume(_volume())
+    s.add_point((10, 10, 10))
+    s.add_point((30, 30, 30), object_id=s.new_object())
+    assert (s.label_map == 2).all()
+
+
+def test_large_object_is_tiled_and_stitched_without_seams():
+    # 300 mm along i: more than one 192 mm crop; the object fills everything.
+    vol = _volume(shape=(200, 30, 30), spacing=1.5)
+    s = Session(_constant_model(+1.0), device="cpu")
+    s.set_volume(vol)
+    edit = s.add_point((100, 15, 15))
+    assert edit.tiles == 3  # centre tile + one neighbour on each side along i
+    assert (s.label_map == 1).all()
+
+
+def test_tiling_is_bounded():
+    vol = _volume(shape=(400, 30, 30), spacing=1.5)  # 600 mm
+    s = Session(_constant_model(+1.0), device="cpu", max_new_tiles=1)
+    s.set_volume(vol)
+    assert s.add_point((200, 15, 15)).tiles == 2
+
+
+def test_click_outside_an_object_tile_opens_a_new_tile():
+    vol = _volume(shape=(300, 30, 30), spacing=1.5)
+    s = Session(_constant_model(-1.0), device="cpu")  # empty masks: no automatic tiling
+    s.set_volume(vol)
+    assert s.add_point((20, 15, 15)).tiles == 1
+    assert s.add_point((280, 15, 15)).tiles == 2
+    assert s.predictor.encoder_calls == 2
+
+
+def test_bad_prompts_raise_clear_errors(tiny_model):
+    s = Session(tiny_model, device="cpu")
+    s.set_volume(_volume())
+    with pytest.raises(PromptError, match="outside"):
+        s.add_point((100, 5, 5))
+    with pytest.raises(PromptError, match="object 7 does not exist"):
+        s.add_point((5, 5, 5), object_id=7)
+    official = build_model("fastsam3d", embed_dim=48, num_heads=6, out_chans=32, prompt_embed_dim=32)
+    s2 = Session(official, device="cpu")
+    s2.set_volume(_volume())
+    with pytest.raises(PromptError, match="box"):
+        s2.add_box((5, 5, 5), (20, 20, 20))
+    assert not s.label_map.any()  # nothing was changed by the failed calls
+
+
+def test_world_coordinates_select_the_same_voxel(tiny_model):
+    vol = _volume()
+    voxel = np.array([20.0, 12.0, 9.0])
+    ras = (vol.affine @ np.r_[voxel, 1])[:3]
+    lps = ras * np.array([-1, -1, 1])
+    masks = []
+    for point, coords in ((voxel, "voxel"), (ras, "ras"), (lps, "lps")):
+        s = Session(tiny_model, device="cpu")
+        s.set_volume(vol)
+        s.add_point(point, coords=coords)
+        masks.append(s.label_map.copy())
+    assert np.array_equal(masks[0], masks[1]) and np.array_equal(masks[0], masks[2])
+
+
+def test_prompt_log_replays_exactly(tiny_model, tmp_path):
+    vol = _volume()
+    s = Session(tiny_model, device="cpu")
+    s.set_volume(vol)
+    s.add_point((20, 20, 20))
+    s.add_point((24, 20, 20), positive=False)
+    s.undo()
+    s.redo()
+    s.add_point((5, 30, 8), object_id=s.new_object())
+    start = np.zeros(vol.shape, bool)
+    start[2:6, 2:6, 2:6] = True
+    s.set_mask(s.new_object(), start)
+    path = s.log.save(tmp_path / "log.json")
+    replayed = Session(tiny_model, device="cpu")
+    replayed.set_volume(vol)
+    replayed.replay(PromptLog.load(path))
+    assert np.array_equal(replayed.label_map, s.label_map)
+    assert replayed.objects == s.objects == [1, 2, 3]
+
+
+def test_set_mask_starts_an_object_and_a_click_refines_it(tiny_model):
+    s = Session(tiny_model, device="cpu")
+    s.set_volume(_volume())
+    start = np.zeros(s.label_map.shape, bool)
+    start[10:30, 10:30, 10:30] = True
+    s.set_mask(1, start)
+    assert np.array_equal(s.label_map == 1, start)
+    s.add_point((20, 20, 20))
+    assert s.predictor.encoder_calls == 1
