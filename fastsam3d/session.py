@@ -390,8 +390,16 @@ class Session:
     # ------------------------------------------------------------------ internals
     def _to_ras(self, point, coords: str) -> np.ndarray:
         vol = self.volume
-        vox = geometry.to_voxel(np.asarray(point, dtype=np.float64).reshape(1, 3), coords, vol.affine)[0]
-        geometry.check_inside(vox, vol.array.shape)
+        try:
+            given = np.asarray(point, dtype=np.float64).reshape(3)
+        except (TypeError, ValueError):
+            raise PromptError(f"a point needs 3 coordinates, got {point!r}") from None
+        vox = geometry.to_voxel(given.reshape(1, 3), coords, vol.affine)[0]
+        if coords != "voxel":
+            what = f"point ({', '.join(f'{v:g}' for v in given)}) {coords.upper()} mm"
+        else:
+            what = "point"
+        geometry.check_inside(vox, vol.array.shape, what=what)
         return geometry.from_voxel(vox.reshape(1, 3), "ras", vol.affine)[0]
 
     def _click(self, oid: int, ras: np.ndarray, positive: bool) -> Edit:
