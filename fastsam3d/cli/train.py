@@ -1,0 +1,307 @@
+"""``fastsam3d train | finetune | distill | models``: training and weights management."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fastsam3d.cli import app
+from fastsam3d.errors import FastSAM3DError, OutputExistsError
+
+console = Console()
+
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints, log.csv).")]
+DataOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--data", help="Folder of labelled NIfTI volumes (repeatable; see README)."),
+]
+CasesOpt = Annotated[
+    Path | None,
+    typer.Option("--cases", help="Prepared real cases (.safetensors from --save-cases)."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Model config override KEY=VALUE, e.g. embed_dim=384 (repeatable)."),
+]
+StepsOpt = Annotated[int, typer.Option(help="Optimiser steps.")]
+BatchOpt = Annotated[int, typer.Option(help="Crops per step.")]
+LrOpt = Annotated[float, typer.Option(help="Peak learning rate (AdamW).")]
+MinutesOpt = Annotated[
+    float | None, typer.Option(help="Stop after this many minutes in total (resumes included).")
+]
+HorizonOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Minutes the cosine schedule spans (default --max-minutes); a run cut "
+        "into several sessions keeps one schedule."
+    ),
+]
+RoundsOpt = Annotated[int, typer.Option(help="Prompt rounds per crop (clicks, box first).")]
+BoxOpt = Annotated[float, typer.Option(help="Probability that a batch starts from a box.")]
+RealOpt = Annotated[float, typer.Option(help="Fraction of each batch from real crops.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of data, clicks and initialisation.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue a run found in --out.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Start afresh in an --out that holds a run.")]
+SaveEveryOpt = Annotated[int, typer.Option(help="Checkpoint every N steps.")]
+
+
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["embed_dim=384", "attention=global"]`` -> typed dict (JSON values, else strings)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run into a folder holding one, unless resuming or overwriting."""
+    state = out / "state.json"
+    if state.exists() and not resume:
+        if not overwrite:
+            raise OutputExistsError(
+                f"{out} already holds a run; pass --resume to continue it or --overwrite to restart"
+            )
+        for name in (
+            "state.json",
+            "optimizer.pt",
+            "model.safetensors",
+            "extra.safetensors",
+            "log.csv",
+        ):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _cases(data: list[Path] | None, cases: Path | None, save_cases: Path | None, device):
+    from fastsam3d.training.data import load_cases, prepare_cases
+    from fastsam3d.training.data import save_cases as save
+
+    if data:
+        prepared = prepare_cases(list(data))
+        if save_cases is not None:
+            save(prepared, save_cases)
+            console.print(f"saved {len(prepared)} prepared cases to {save_cases}")
+        return [c.to(device) for c in prepared]
+    if cases is not None:
+        return load_cases(cases, device)
+    return None
+
+
+def _run_click_training(
+    model, out, data, cases, save_cases, steps, batch_size, lr, max_minutes, schedule_minutes,
+    rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe: dict[str, Any],
+) -> None:  # fmt: skip
+    """Shared body of ``train`` and ``finetune``: the click loop on synthetic + real crops."""
+    import torch
+
+    from fastsam3d.training.loop import BatchSource, LoopConfig, click_loss, resolve_device, run
+    from fastsam3d.training.synthetic import SyntheticConfig
+
+    _prepare_out(out, resume, overwrite)
+    dev = resolve_device(device)
+    real = _cases(data, cases, save_cases, dev)
+    if steps == 0:
+        return
+    cfg = LoopConfig(
+        steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
+        device=str(dev), save_every=save_every, schedule_minutes=schedule_minutes,
+        extra={**recipe, "rounds": rounds, "box_prob": box_prob, "real_fraction": real_fraction,
+               "real_cases": [c.name for c in real or []]},
+    )  # fmt: skip
+    source = BatchSource(
+        batch_size, dev, seed, real, real_fraction if real else 0.0,
+        SyntheticConfig(size=model.config.img_size),
+    )  # fmt: skip
+    gen = torch.Generator(device=dev).manual_seed(seed + 1)
+
+    def objective(batch, progress):
+        return click_loss(model, batch, gen, rounds=rounds, box_prob=box_prob)
+
+    state = run(model, objective, source, cfg, out, resume=resume, console=console)
+    console.print(f"done: step {state.get('step')}, weights in {out / 'model.safetensors'}")
+
+
+@app.command()
+def train(
+    out: OutOpt,
+    arch: Annotated[str, typer.Option(help="Architecture to train (see `fastsam3d info`).")] = (
+        "fastsam3d_dilated"
+    ),
+    set_: SetOpt = None,
+    data: DataOpt = None,
+    cases: CasesOpt = None,
+    save_cases: Annotated[Path | None, typer.Option(help="Also save the prepared --data.")] = None,
+    steps: StepsOpt = 2000,
+    batch_size: BatchOpt = 8,
+    lr: LrOpt = 4e-4,
+    max_minutes: MinutesOpt = None,
+    schedule_minutes: HorizonOpt = None,
+    rounds: RoundsOpt = 5,
+    box_prob: BoxOpt = 0.2,
+    real_fraction: RealOpt = 0.25,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    save_every: SaveEveryOpt = 250,
+) -> None:
+    """Train a model from scratch with the interactive click loop (synthetic + real crops)."""
+    import torch
+
+    from fastsam3d.registry import build_model
+
+    try:
+        torch.manual_seed(seed)
+        model = build_model(arch, **_overrides(set_))
+        recipe = {"command": "train", "arch": arch, "overrides": _overrides(set_)}
+        _run_click_training(
+            model, out, data, cases, save_cases, steps, batch_size, lr, max_minutes,
+            schedule_minutes, rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
+        )  # fmt: skip
+    except (FastSAM3DError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def finetune(
+    data: Annotated[list[Path], typer.Option("--data", help="Folder of labelled NIfTI volumes.")],
+    out: OutOpt,
+    from_: Annotated[
+        str, typer.Option("--from", help="'default' (bundled weights) or a checkpoint path.")
+    ] = "default",
+    steps: StepsOpt = 500,
+    batch_size: BatchOpt = 4,
+    lr: LrOpt = 1e-4,
+    max_minutes: MinutesOpt = None,
+    schedule_minutes: HorizonOpt = None,
+    rounds: RoundsOpt = 5,
+    box_prob: BoxOpt = 0.2,
+    real_fraction: RealOpt = 0.75,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    save_every: SaveEveryOpt = 100,
+) -> None:
+    """Fine-tune a model on your own labelled volumes (some synthetic crops keep it general)."""
+    from fastsam3d.registry import build_model
+    from fastsam3d.weights import default_checkpoint
+
+    try:
+        path = default_checkpoint() if from_ == "default" else Path(from_)
+        if path is None:
+            raise FastSAM3DError("no default weights are bundled; pass --from PATH")
+        model = build_model(checkpoint=path)
+        recipe = {"command": "finetune", "from": str(path)}
+        _run_click_training(
+            model, out, data, None, None, steps, batch_size, lr, max_minutes, schedule_minutes,
+            rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
+        )  # fmt: skip
+    except (FastSAM3DError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option(help="Teacher checkpoint (official or trained here).")],
+    out: OutOpt,
+    student: Annotated[str, typer.Option(help="Student architecture.")] = "fastsam3d_dilated",
+    set_: SetOpt = None,
+    schedule: Annotated[
+        str, typer.Option(help="decoupled (MobileSAM), progressive (FastSAM3D), dynamic.")
+    ] = "progressive",
+    data: DataOpt = None,
+    cases: CasesOpt = None,
+    steps: StepsOpt = 2000,
+    batch_size: BatchOpt = 8,
+    lr: LrOpt = 4e-4,
+    max_minutes: MinutesOpt = None,
+    schedule_minutes: HorizonOpt = None,
+    rounds: RoundsOpt = 5,
+    box_prob: BoxOpt = 0.2,
+    real_fraction: RealOpt = 0.25,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    save_every: SaveEveryOpt = 250,
+) -> None:
+    """Distil a teacher's image encoder into a student (three schedules, see MODEL_CARD.md)."""
+    import torch
+
+    from fastsam3d.registry import build_model
+    from fastsam3d.training.distill import Distiller
+    from fastsam3d.training.loop import BatchSource, LoopConfig, resolve_device, run
+    from fastsam3d.training.synthetic import SyntheticConfig
+
+    try:
+        _prepare_out(out, resume, overwrite)
+        dev = resolve_device(device)
+        torch.manual_seed(seed)
+        teacher_model = build_model(checkpoint=teacher, device=dev)
+        student_model = build_model(student, **_overrides(set_))
+        distiller = Distiller(student_model, teacher_model, schedule, rounds, box_prob)
+        real = _cases(data, cases, None, dev)
+        cfg = LoopConfig(
+            steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
+            device=str(dev), save_every=save_every, schedule_minutes=schedule_minutes,
+            extra={"command": "distill", "teacher": str(teacher), "student": student,
+                   "overrides": _overrides(set_), "schedule": schedule},
+        )  # fmt: skip
+        source = BatchSource(
+            batch_size, dev, seed, real, real_fraction if real else 0.0,
+            SyntheticConfig(size=student_model.config.img_size),
+        )  # fmt: skip
+        state = run(student_model, distiller.objective, source, cfg, out, extra=distiller,
+                    resume=resume, console=console)  # fmt: skip
+        console.print(f"done: step {state.get('step')}, student in {out / 'model.safetensors'}")
+    except (FastSAM3DError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def models() -> None:
+    """List the bundled default model, the architectures and known official checkpoints."""
+    from fastsam3d.registry import list_architectures
+    from fastsam3d.weights import KNOWN_CHECKPOINTS, default_checkpoint
+
+    table = Table(title="bundled")
+    for col in ("name", "file", "size", "architecture"):
+        table.add_column(col)
+    path = default_checkpoint()
+    if path is None:
+        table.add_row("default", "(none bundled)", "", "")
+    else:
+        from fastsam3d.checkpoint import read_checkpoint
+
+        meta = read_checkpoint(path)[1]
+        arch = json.loads(meta.get("config", "{}")).get("arch", "?") if meta else "?"
+        table.add_row("default", str(path), f"{path.stat().st_size / 2**20:.1f} MiB", arch)
+    console.print(table)
+    archs = Table(title="architectures (fastsam3d train --arch NAME)")
+    archs.add_column("name")
+    archs.add_column("description")
+    for name, text in list_architectures():
+        archs.add_row(name, text)
+    console.print(archs)
+    known = Table(title="official checkpoints (download yourself, then --model PATH)")
+    for col in ("name", "architecture", "source", "note"):
+        known.add_column(col)
+    for k in KNOWN_CHECKPOINTS:
+        known.add_row(k.name, k.arch, k.source, k.note)
+    console.print(known)

@@ -1,0 +1,384 @@
+"""The training loop shared by ``train``, ``finetune`` and ``distill``.
+
+* :class:`BatchSource` mixes GPU-generated synthetic volumes with augmented real crops.
+* :func:`click_loss` is the official interactive loop (SPEC §10-11): the image is encoded once,
+  then several prompt rounds run the prompt encoder and decoder, each round's low-res logits fed
+  back as the next mask prompt; the first prompt is a click inside the object (or, with
+  probability ``box_prob``, a jittered bounding box), later clicks fall in the error region of the
+  previous prediction (positive on misses, negative on false positives). Clicks accumulate, as a
+  :class:`fastsam3d.Session` sends them. Loss per round: Dice + cross-entropy on the mask
+  upsampled to the crop, plus the IoU head's MSE; averaged over rounds.
+* :func:`run` owns the rest: fused AdamW, warm-up + cosine schedule (driven by steps or by the
+  wall-clock budget, whichever is further along, so a time-limited run still anneals), bf16
+  autocast on CUDA, gradient clipping, resumable checkpoints (weights in safetensors, optimizer
+  state loaded with ``weights_only=True``), a CSV log and rich progress.
+
+Checkpoint folder layout (``out/``): ``model.safetensors`` (the model, loadable by
+:func:`fastsam3d.build_model`), ``extra.safetensors`` (e.g. distillation projections),
+``optimizer.pt`` and ``state.json`` (step, elapsed seconds, config), ``log.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastsam3d.errors import FastSAM3DError
+from fastsam3d.simulate import next_click
+from fastsam3d.training.data import Case, RealCropSampler
+from fastsam3d.training.losses import dice_ce_loss, iou_head_loss
+from fastsam3d.training.synthetic import SyntheticConfig, generate
+from fastsam3d.transforms import normalize_crop
+
+
+@dataclass
+class Batch:
+    """image (B, 1, S, S, S) normalised; target (B, 1, S, S, S) bool; first_click (B, 3) int64
+    crop voxel for the first positive click, or -1 where the click rule chooses it."""
+
+    image: Tensor
+    target: Tensor
+    first_click: Tensor
+
+
+class BatchSource:
+    """Batches of synthetic volumes (GPU) mixed with real crops (``real_fraction`` of each)."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        device: torch.device,
+        seed: int = 0,
+        cases: list[Case] | None = None,
+        real_fraction: float = 0.25,
+        synthetic: SyntheticConfig | None = None,
+    ) -> None:
+        self.batch_size = batch_size
+        self.device = device
+        self.synthetic = synthetic or SyntheticConfig()
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.real = RealCropSampler(cases, seed=seed, size=self.synthetic.size) if cases else None
+        self.n_real = round(batch_size * real_fraction) if cases else 0
+
+    def next(self) -> Batch:
+        """The next batch (synthetic first, then real)."""
+        n_syn = self.batch_size - self.n_real
+        images, targets, clicks = [], [], []
+        if n_syn:
+            syn = generate(n_syn, self.generator, self.synthetic)
+            target, click = self._centre_target(syn.labels, syn.target)
+            images.append(normalize_crop(syn.image))
+            targets.append(target)
+            clicks.append(click)
+        if self.n_real:
+            image, target, click = self.real.sample(self.n_real)
+            images.append(self._intensity_augment(normalize_crop(image)))
+            targets.append(target)
+            clicks.append(click)
+        return Batch(torch.cat(images), torch.cat(targets), torch.cat(clicks))
+
+    def _centre_target(self, labels: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """For half the volumes, make the structure under a voxel near the centre the target
+        and that voxel the first click, as when a Session centres its crop on the first click."""
+        b, s = labels.shape[0], labels.shape[-1]
+        gen, dev = self.generator, labels.device
+        voxel = s // 2 + torch.randint(-6, 7, (b, 3), generator=gen, device=dev)
+        value = labels[torch.arange(b, device=dev), voxel[:, 0], voxel[:, 1], voxel[:, 2]]
+        use = (torch.rand((b,), generator=gen, device=dev) < 0.5) & (value > 0)
+        centred = labels == value.view(b, 1, 1, 1)
+        target = torch.where(use.view(b, 1, 1, 1, 1), centred[:, None], target)
+        click = torch.where(use[:, None], voxel, torch.full_like(voxel, -1))
+        return target, click
+
+    def _intensity_augment(self, x: Tensor) -> Tensor:
+        """Random contrast scale, shift and Gaussian noise of normalised real crops."""
+        b, gen, dev = x.shape[0], self.generator, x.device
+        shape = (b, 1, 1, 1, 1)
+        scale = 0.85 + 0.3 * torch.rand(shape, generator=gen, device=dev)
+        shift = 0.2 * torch.rand(shape, generator=gen, device=dev) - 0.1
+        sigma = 0.05 * torch.rand(shape, generator=gen, device=dev)
+        noise = torch.randn(x.shape, generator=gen, device=dev)
+        return (x * scale + shift + sigma * noise) * (x != 0)
+
+
+def jittered_boxes(target: Tensor, generator: torch.Generator) -> Tensor:
+    """Bounding boxes of (B, 1, S, S, S) targets, each face moved by up to 10% of the extent
+    plus 2 voxels; (B, 2, 3) float lo/hi corners in crop voxel units, clamped to the crop."""
+    b, s = target.shape[0], target.shape[-1]
+    idx = torch.arange(s, device=target.device, dtype=torch.float32)
+    los, his = [], []
+    for dims in ((2, 3), (1, 3), (1, 2)):
+        present = target[:, 0].any(dim=dims)  # (B, S) along one axis
+        lo = torch.where(present, idx, float(s)).amin(dim=1)
+        hi = torch.where(present, idx, -1.0).amax(dim=1)
+        los.append(lo.clamp(max=s - 1))
+        his.append(hi.clamp(min=0))
+    lo, hi = torch.stack(los, 1), torch.stack(his, 1)
+    extent = (hi - lo).clamp_min(1)
+    jit = torch.rand((b, 2, 3), generator=generator, device=target.device) * 2 - 1
+    lo = lo + jit[:, 0] * (0.1 * extent + 2)
+    hi = hi + jit[:, 1] * (0.1 * extent + 2)
+    return torch.stack([lo, hi], dim=1).clamp(0, s - 1)
+
+
+def click_loss(
+    model: nn.Module,
+    batch: Batch,
+    generator: torch.Generator,
+    rounds: int = 5,
+    box_prob: float = 0.0,
+    embedding: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Interactive training loss of one batch (see module docstring).
+
+    Args:
+        model: a :class:`fastsam3d.modeling.Sam3D`.
+        batch: images, targets and optional first clicks.
+        generator: drives click sampling and the box decision (on the batch's device).
+        rounds: prompt rounds per sample (the first is the first click or the box).
+        box_prob: probability that the batch starts from a jittered box instead of a click
+            (ignored when the model has no box embeddings).
+        embedding: a precomputed image embedding (else the encoder runs here, with gradient).
+
+    Returns:
+        The mean loss over rounds and metrics: loss, seg/iou parts, Dice after each round.
+    """
+    image, target = batch.image, batch.target
+    emb = model.image_encoder(image) if embedding is None else embedding
+    b, s = image.shape[0], image.shape[-1]
+    low = model.config.low_res_size if model.config is not None else s // 4
+    pe = model.prompt_encoder.get_dense_pe()
+    mask_in = torch.zeros((b, 1, low, low, low), device=image.device)
+    pred = torch.zeros_like(target[:, 0])
+    use_box = model.prompt_encoder.accepts_boxes and (
+        torch.rand((), generator=generator, device=generator.device).item() < box_prob
+    )
+    boxes = jittered_boxes(target, generator) if use_box else None
+    points: list[Tensor] = []
+    labels: list[Tensor] = []
+    total = torch.zeros((), device=image.device)
+    metrics: dict[str, float] = {"seg": 0.0, "iou": 0.0}
+    for r in range(rounds):
+        if r > 0 or not use_box:
+            p, lab = next_click(pred, target[:, 0], rule="random", generator=generator)
+            if r == 0:
+                given = batch.first_click >= 0
+                p = torch.where(given[:, None, :], batch.first_click[:, None, :], p)
+                lab = torch.where(given[:, :1], torch.ones_like(lab), lab)
+            points.append(p)
+            labels.append(lab)
+        prompt = (torch.cat(points, 1).float(), torch.cat(labels, 1)) if points else None
+        sparse, dense = model.prompt_encoder(points=prompt, boxes=boxes, masks=mask_in)
+        logits, iou = model.mask_decoder(emb, pe, sparse, dense, multimask_output=False)
+        up = F.interpolate(logits.float(), size=(s, s, s), mode="trilinear", align_corners=False)
+        seg = dice_ce_loss(up, target)
+        iou_l = iou_head_loss(iou, up, target)
+        total = total + seg + iou_l
+        metrics["seg"] += seg.item() / rounds
+        metrics["iou"] += iou_l.item() / rounds
+        mask_in = logits.detach().float()
+        pred = up.detach()[:, 0] > 0
+        inter = (pred & target[:, 0]).sum((1, 2, 3)).float()
+        size = pred.sum((1, 2, 3)) + target[:, 0].sum((1, 2, 3))
+        metrics[f"dice{r + 1}"] = (2 * inter / size.clamp_min(1)).mean().item()
+    loss = total / rounds
+    metrics["loss"] = loss.item()
+    return loss, metrics
+
+
+@dataclass
+class LoopConfig:
+    """Optimisation and bookkeeping settings shared by train, finetune and distill."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 4e-4
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.03
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    max_minutes: float | None = None  # stop this session after this much wall-clock (total)
+    schedule_minutes: float | None = None  # horizon of the time-driven schedule (default max)
+    save_every: int = 250
+    log_every: int = 10
+    seed: int = 0
+    amp: bool = True
+    device: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in state.json (recipe)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def lr_factor(progress: float, warmup_fraction: float, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to ``min_ratio``; ``progress`` in [0, 1]."""
+    if progress < warmup_fraction:
+        return max(progress / max(warmup_fraction, 1e-8), 1e-3)
+    t = (progress - warmup_fraction) / max(1 - warmup_fraction, 1e-8)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _save_state(
+    out: Path, model: nn.Module, extra: nn.Module | None, opt: torch.optim.Optimizer, state: dict
+) -> None:
+    from safetensors.torch import save_file
+
+    from fastsam3d.checkpoint import save_safetensors
+
+    save_safetensors(model, out / "model.safetensors", overwrite=True)
+    if extra is not None and len(extra.state_dict()):
+        tmp = out / "extra.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in extra.state_dict().items()}, str(tmp))
+        tmp.replace(out / "extra.safetensors")
+    tmp = out / "optimizer.pt.tmp"
+    torch.save(opt.state_dict(), tmp)
+    tmp.replace(out / "optimizer.pt")
+    tmp = out / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(out / "state.json")
+
+
+def _load_state(
+    out: Path, model: nn.Module, extra: nn.Module | None, opt: torch.optim.Optimizer
+) -> dict:
+    from safetensors.torch import load_file
+
+    from fastsam3d.checkpoint import read_checkpoint
+
+    model.load_state_dict(read_checkpoint(out / "model.safetensors")[0], strict=True)
+    if extra is not None and (out / "extra.safetensors").exists():
+        extra.load_state_dict(load_file(str(out / "extra.safetensors")), strict=True)
+    opt.load_state_dict(torch.load(out / "optimizer.pt", weights_only=True, map_location="cpu"))
+    return json.loads((out / "state.json").read_text())
+
+
+Objective = Callable[[Batch, float], tuple[Tensor, dict[str, float]]]
+
+
+def run(
+    model: nn.Module,
+    objective: Objective,
+    source: BatchSource,
+    cfg: LoopConfig,
+    out: str | Path,
+    extra: nn.Module | None = None,
+    resume: bool = True,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Optimise ``model`` (and ``extra``) on ``objective(batch, progress)`` until ``cfg.steps``
+    or ``cfg.max_minutes`` (total, resumed time included); returns the final ``state.json``.
+
+    ``progress`` in [0, 1] is how far the run is (steps or wall-clock, whichever is further):
+    schedules such as progressive distillation read it. With ``resume`` and an existing
+    ``out/state.json`` the run continues from the saved step, elapsed time and optimizer state.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = source.device
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if extra is not None:
+        extra.to(device).train()
+        params += [p for p in extra.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
+    step, elapsed = 0, 0.0
+    if resume and (out / "state.json").exists():
+        state = _load_state(out, model, extra, opt)
+        step, elapsed = state["step"], state["elapsed_s"]
+        console.print(f"resuming {out} at step {step} ({elapsed / 60:.1f} min done)")
+        # Fresh data after a resume: reseed from the step so the continuation differs.
+        source.generator.manual_seed(cfg.seed + step)
+    horizon = cfg.schedule_minutes or cfg.max_minutes
+    budget_s = horizon * 60 if horizon else None
+    stop_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+    log_path = out / "log.csv"
+    writer_file = log_path.open("a", newline="")
+    writer: csv.DictWriter | None = None
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"
+    )
+    state: dict[str, Any] = {}
+    t_start = time.perf_counter() - elapsed
+
+    def progress_of(s: int) -> float:
+        p = s / cfg.steps
+        if budget_s:
+            p = max(p, (time.perf_counter() - t_start) / budget_s)
+        return min(p, 1.0)
+
+    def finished(s: int) -> bool:
+        over_time = stop_s is not None and time.perf_counter() - t_start >= stop_s
+        return s >= cfg.steps or progress_of(s) >= 1.0 or over_time
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("train", total=cfg.steps, completed=step, info="")
+        last_save = step
+        while not finished(step):
+            t0 = time.perf_counter()
+            progress = progress_of(step)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(progress, cfg.warmup_fraction, cfg.min_lr_ratio)
+            batch = source.next()
+            with autocast:
+                loss, metrics = objective(batch, progress)
+            if not torch.isfinite(loss):
+                raise FastSAM3DError(f"loss became {loss.item()} at step {step}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+            opt.step()
+            step += 1
+            row = {
+                "step": step,
+                "time_s": round(time.perf_counter() - t_start, 2),
+                "lr": opt.param_groups[0]["lr"],
+                "grad_norm": round(grad_norm, 4),
+                "step_s": round(time.perf_counter() - t0, 4),
+                **{k: round(v, 5) for k, v in metrics.items()},
+            }
+            if writer is None:
+                writer = csv.DictWriter(writer_file, fieldnames=list(row), extrasaction="ignore")
+                if log_path.stat().st_size == 0:
+                    writer.writeheader()
+            writer.writerow(row)
+            info = f"loss {metrics['loss']:.4f}"
+            bar.update(task, completed=step, info=info)
+            if step % cfg.log_every == 0:
+                writer_file.flush()
+                console.print(", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+            if step - last_save >= cfg.save_every or finished(step):
+                state = {
+                    "step": step,
+                    "elapsed_s": time.perf_counter() - t_start,
+                    "loop": asdict(cfg),
+                    "last": row,
+                }
+                _save_state(out, model, extra, opt, state)
+                last_save = step
+    writer_file.close()
+    return state

@@ -1,0 +1,49 @@
+"""Training losses as in SAM-Med3D / SAM: Dice + cross-entropy on masks, MSE on the IoU head,
+and the feature-matching losses of encoder distillation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def dice_ce_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """MONAI ``DiceCELoss(sigmoid=True, squared_pred=True)`` as SAM-Med3D trains with it.
+
+    Args:
+        logits: (B, 1, D, H, W) mask logits (upsampled to the target's size by the caller).
+        target: (B, 1, D, H, W) bool or {0, 1}.
+
+    Returns:
+        Scalar: mean over the batch of soft Dice loss (squared denominators, smooth 1e-5) plus
+        the mean binary cross-entropy over voxels.
+    """
+    target = target.to(logits.dtype)
+    prob = logits.sigmoid()
+    dims = tuple(range(2, logits.ndim))
+    inter = (prob * target).sum(dims)
+    denom = prob.square().sum(dims) + target.square().sum(dims)
+    dice = 1.0 - (2.0 * inter + 1e-5) / (denom + 1e-5)
+    return dice.mean() + F.binary_cross_entropy_with_logits(logits, target)
+
+
+def mask_iou(logits: Tensor, target: Tensor) -> Tensor:
+    """IoU of ``logits > 0`` with ``target``, (B, C) per mask channel (no gradient)."""
+    with torch.no_grad():
+        pred = logits > 0
+        target = target.bool()
+        dims = tuple(range(2, logits.ndim))
+        inter = (pred & target).sum(dims).float()
+        union = (pred | target).sum(dims).float()
+        return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def iou_head_loss(iou_pred: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+    """SAM's IoU-head regression: MSE between the predicted and the actual mask IoU, (B, C)."""
+    return F.mse_loss(iou_pred.float(), mask_iou(logits, target))
+
+
+def feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean squared error between feature maps of equal shape (distillation targets)."""
+    return F.mse_loss(student.float(), teacher.float())
