@@ -17,18 +17,20 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import torch
 
-SMALL = dict(
-    embed_dim=96,
-    depth=4,
-    num_heads=4,
-    out_chans=64,
-    prompt_embed_dim=64,
-    decoder_mlp_dim=128,
-    iou_head_hidden_dim=64,
-    decoder_heads=4,
-)
+SMALL = {
+    "embed_dim": 96,
+    "depth": 4,
+    "num_heads": 4,
+    "out_chans": 64,
+    "prompt_embed_dim": 64,
+    "decoder_mlp_dim": 128,
+    "iou_head_hidden_dim": 64,
+    "decoder_heads": 4,
+    "decoder_depth": 1,
+}
 
 
 def small_checkpoint(folder: Path) -> Path:
@@ -41,7 +43,7 @@ def small_checkpoint(folder: Path) -> Path:
     return save_safetensors(model, folder / "small.safetensors", overwrite=True)
 
 
-def test_volume():
+def make_volume():
     """A 56 x 48 x 40 volume (oblique-free, anisotropic, offset origin) with a bright block."""
     from fastsam3d.io.read import Volume
 
@@ -73,7 +75,9 @@ def running_server(*args: str, token: str | None = None, timeout: float = 90.0) 
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read().decode()}")
+                raise RuntimeError(
+                    f"server exited with {proc.returncode}: {proc.stdout.read().decode()}"
+                )
             try:
                 if httpx.get(f"{url}/v1/health", headers=headers, timeout=2).status_code == 200:
                     break
@@ -90,3 +94,32 @@ def running_server(*args: str, token: str | None = None, timeout: float = 90.0) 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+# ---------------------------------------------------------------------- shared fixtures
+# Test modules load these with ``pytest_plugins = ["server_utils"]``: one model file and one
+# server process serve every server test module of a run.
+UPLOAD_MB = 8
+MAX_VOXELS = 4_000_000
+MAX_SESSIONS = 3
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    return small_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="session")
+def server(checkpoint) -> Iterator[str]:
+    """No token, nnInteractive protocol on, 8 MB uploads, 4 M voxels, 3 sessions, no idle expiry."""
+    args = ["--model", str(checkpoint), "--nninteractive-compat", "--max-upload-mb", str(UPLOAD_MB)]
+    args += [
+        "--max-voxels",
+        str(MAX_VOXELS),
+        "--max-sessions",
+        str(MAX_SESSIONS),
+        "--idle-timeout",
+        "0",
+    ]
+    with running_server(*args) as url:
+        yield url
