@@ -13,6 +13,7 @@ voxel -> RAS affine (conventions: :mod:`fastsam3d.geometry`).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -118,21 +119,23 @@ def _fail(path: Path, problem: str) -> VolumeError:
 
 
 def _short(exc: BaseException) -> str:
-    """First line of an exception message, for embedding in ours."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    """An exception's message on one line, without ITK's source-file and object-address noise."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = re.sub(r"\S+\.(?:h|hxx|cxx|cpp|txx):\d+:\s*", "", text)
+    text = re.sub(r"ITK ERROR:\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", text)
+    return (text or type(exc).__name__)[:300]
 
 
 def _read_monai(path: Path, reader_name: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read ``path`` with one MONAI reader; returns (array, RAS affine, MONAI meta)."""
-    from monai.data import image_reader
-    from monai.transforms import LoadImage
-
-    reader = getattr(image_reader, reader_name)()
-    loader = LoadImage(reader=reader, image_only=True, ensure_channel_first=False)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # MONAI warns about optional GPU codecs on import
         warnings.simplefilter("ignore")
-        img = loader(str(path))
+        from monai.data import image_reader
+        from monai.transforms import LoadImage
+
+        reader = getattr(image_reader, reader_name)()
+        loader = LoadImage(image_only=True, ensure_channel_first=False)
+        img = loader(str(path), reader=reader)  # a reader given here raises its own errors
     return np.asarray(img.array), np.asarray(img.affine, dtype=np.float64), dict(img.meta)
 
 
@@ -142,6 +145,34 @@ def _spatial_affine(affine: np.ndarray) -> np.ndarray:
     out[:3, :3] = affine[:3, :3]
     out[:3, 3] = affine[:3, -1]
     return out
+
+
+def _check_nifti_voxel_size(path: Path) -> None:
+    """Reject a NIfTI whose geometry comes from pixdim (no sform) and has a size <= 0 there.
+
+    nibabel silently replaces such sizes by 1 or by their absolute value when it loads the
+    header, so this reads the header unchecked to see what the file really says.
+    """
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    header = None
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            with ImageOpener(path) as fobj:
+                header = klass.from_fileobj(fobj, check=False)
+            break
+        except (nib.spatialimages.HeaderDataError, EOFError, OSError, ValueError):
+            continue  # not this header type, or unreadable: the full read reports it
+    if header is None or int(header["sform_code"]) > 0:
+        return
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    if np.any(pixdim <= 0):
+        raise _fail(
+            path,
+            f"the header gives voxel size pixdim = {pixdim.tolist()} mm (zero or negative) and no "
+            "sform, so the voxel-to-world geometry is undefined",
+        )
 
 
 def _pick_channel(array: np.ndarray, channel: int | None, path: Path) -> np.ndarray:
@@ -188,7 +219,7 @@ def load_volume(
         VolumeError: missing, empty, unreadable or corrupt input; not 3D; several channels and
             no ``channel``; NaN/Inf voxels; zero spacing; no or several DICOM series.
     """
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()
     if not path.exists():
         raise _fail(path, "no such file or folder")
     if path.is_dir():
@@ -206,11 +237,13 @@ def load_volume(
     if path.stat().st_size == 0:
         raise _fail(path, "the file is empty (0 bytes)")
     fmt, reader_name = FORMATS[suffix]
+    if fmt == "nifti":
+        _check_nifti_voxel_size(path)
     try:
         array, affine, _ = _read_monai(path, reader_name)
     except Exception as exc:  # any reader failure is a bad file for the user
         raise _fail(
-            path, f"cannot be read as {fmt} (truncated or corrupt?): {_short(exc)}"
+            path, f"cannot be read as {fmt} (damaged, truncated or another format): {_short(exc)}"
         ) from exc
     array = _pick_channel(array, channel, path)
     meta: dict[str, Any] = {"format": fmt, "reader": reader_name}
