@@ -1,0 +1,54 @@
+"""What the segment / evaluate / doctor commands share: consoles, logging, user errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from fastsam3d.errors import FastSAM3DError
+
+#: Messages, progress and tables go to stderr so that ``--json`` output on stdout stays clean.
+console = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """Default: fastsam3d warnings only (third-party warnings, e.g. optional decoders that are
+    missing, stay hidden); ``-v`` info and all warnings, ``-vv`` debug, ``-q`` only errors."""
+    level = (
+        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    )
+    logging.captureWarnings(True)
+    logging.basicConfig(
+        level=level if verbose else logging.ERROR,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
+    logging.getLogger("fastsam3d").setLevel(level)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a FastSAM3DError into one red line on stderr and exit code 1 (no traceback)."""
+    try:
+        yield
+    except FastSAM3DError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output on stdout."""
+    sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
+    sys.stdout.flush()
