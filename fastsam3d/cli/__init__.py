@@ -19,6 +19,9 @@ app = typer.Typer(
 # Command modules register themselves on `app` when imported.
 from fastsam3d.cli import info  # noqa: E402,F401
 from fastsam3d.cli import convert  # noqa: E402,F401
+from fastsam3d.cli import segment  # noqa: E402,F401
+from fastsam3d.cli import evaluate  # noqa: E402,F401
+from fastsam3d.cli import doctor  # noqa: E402,F401
 from fastsam3d.cli import serve  # noqa: E402,F401
 
 
