@@ -11,8 +11,10 @@ from fastsam3d.modeling.attention import (
     available_backends,
     rel_pos_bias,
     rel_pos_table,
+    set_attention_backend,
 )
 from fastsam3d.modeling.image_encoder import Block
+from fastsam3d.registry import build_model
 
 torch.manual_seed(0)
 
@@ -150,3 +152,19 @@ def test_masked_window_padding_equals_global_attention() -> None:
 def test_rel_pos_index_tensors_follow_the_table_device() -> None:
     table = torch.randn(15, 4, device="meta")
     assert rel_pos_table(table, 8, 4, 2).device.type == "meta"
+
+
+@pytest.mark.parametrize("arch", ["fastsam3d", "sam_med3d", "fastsam3d_dilated"])
+def test_models_agree_across_backends(arch: str) -> None:
+    """Whole encoders (global, windowed, dilated) give the same embedding with every backend."""
+    torch.manual_seed(3)
+    model = build_model(arch, embed_dim=24, depth=3, num_heads=3, out_chans=12, prompt_embed_dim=24)
+    x = torch.randn(1, 1, 128, 128, 128)
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero rel-pos tables and pos-embed
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.2)
+        ref = model.image_encoder(x)
+        for backend in available_backends():
+            set_attention_backend(model, backend)
+            assert torch.allclose(model.image_encoder(x), ref, atol=1e-4), backend

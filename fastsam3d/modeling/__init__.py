@@ -1,6 +1,11 @@
 """Pure-PyTorch FastSAM3D / SAM-Med3D modules (imports nothing but torch)."""
 
-from fastsam3d.modeling.attention import Attention, attend, available_backends
+from fastsam3d.modeling.attention import (
+    Attention,
+    attend,
+    available_backends,
+    set_attention_backend,
+)
 from fastsam3d.modeling.image_encoder import ImageEncoderViT3D
 from fastsam3d.modeling.mask_decoder import MaskDecoder3D
 from fastsam3d.modeling.prompt_encoder import PromptEncoder3D
@@ -16,4 +21,5 @@ __all__ = [
     "TwoWayTransformer3D",
     "attend",
     "available_backends",
+    "set_attention_backend",
 ]

@@ -54,6 +54,15 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if b != "flash" or flash_supported()]
 
 
+def set_attention_backend(module: nn.Module, backend: str) -> None:
+    """Switch every attention layer inside ``module`` to ``backend`` (one of :data:`BACKENDS`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    for m in module.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+
+
 def round_fp16(x: torch.Tensor) -> torch.Tensor:
     """Round to float16 precision and back (emulates the official fp16 flash-attn calls)."""
     return x.to(torch.float16).to(x.dtype)
