@@ -269,7 +269,9 @@ def test_eviction_404_then_client_recovers(server, volume):
 
 
 def test_auth_and_idle_timeout(checkpoint, volume):
-    with running_server("--model", str(checkpoint), "--idle-timeout", "2", token=TOKEN) as url:
+    with running_server(
+        "--model", str(checkpoint), "--idle-timeout", "2", "--nninteractive-compat", token=TOKEN
+    ) as url:
         assert httpx.get(f"{url}/v1/health").status_code == 401
         assert (
             httpx.get(f"{url}/v1/health", headers={"Authorization": "Bearer nope"}).status_code
@@ -286,6 +288,13 @@ def test_auth_and_idle_timeout(checkpoint, volume):
         with RemoteSession(url, token=TOKEN) as remote:
             remote.set_volume(volume)
             assert remote.new_object() == 2
+        # The nnInteractive protocol obeys the same token (its client sends it as api_key).
+        from nnInteractive.inference.remote import nnInteractiveRemoteInferenceSession
+
+        with pytest.raises(httpx.HTTPStatusError, match="403"):
+            nnInteractiveRemoteInferenceSession(url, api_key="wrong")
+        with nnInteractiveRemoteInferenceSession(url, api_key=TOKEN) as nn_remote:
+            assert nn_remote.ping()
 
 
 def test_non_loopback_needs_token(monkeypatch):

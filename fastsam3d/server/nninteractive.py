@@ -159,11 +159,12 @@ def sample_clicks(mask: np.ndarray, k: int = SAMPLED_POINTS) -> list[np.ndarray]
         return []
     lo, hi = nz.min(0), nz.max(0) + 1
     crop = mask[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(bool)
-    flat = [a for a in range(3) if crop.shape[a] == 1]
-    depth = distance_transform_edt(np.pad(crop.squeeze(axis=tuple(flat)), 1))[
-        tuple(slice(1, -1) for _ in range(3 - len(flat)))
-    ]
-    depth = np.expand_dims(depth, tuple(flat)) if flat else depth
+    # Depth in the drawing's plane: a mask one slice thick is measured in 2D (a straight line
+    # stays 2D too, so every voxel of a thin stroke is equally deep).
+    flat = next((a for a in range(3) if crop.shape[a] == 1), None)
+    plane = crop if flat is None else crop.squeeze(flat)
+    depth = distance_transform_edt(np.pad(plane, 1))[tuple(slice(1, -1) for _ in plane.shape)]
+    depth = depth if flat is None else np.expand_dims(depth, flat)
     keep = crop & (depth >= max(1.0, depth.max() / 2))
     cand = np.argwhere(keep)
     picks = [int(np.argmax(depth[keep]))]
