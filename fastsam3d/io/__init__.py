@@ -5,5 +5,6 @@ use them, so importing this package stays light.
 """
 
 from fastsam3d.io.read import Volume, list_dicom_series, load_volume
+from fastsam3d.io.write import save_dicom_seg, save_mask
 
-__all__ = ["Volume", "list_dicom_series", "load_volume"]
+__all__ = ["Volume", "list_dicom_series", "load_volume", "save_dicom_seg", "save_mask"]
