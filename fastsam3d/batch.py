@@ -389,6 +389,31 @@ def check_outputs(plan: list[Case], overwrite: bool, resume: bool) -> None:
         )
 
 
+def failed_result(case: str, err: Exception, seconds: float) -> CaseResult:
+    """The summary row of a case that raised: the user's message, or the unexpected error."""
+    message = (
+        str(err) if isinstance(err, FastSAM3DError) else f"unexpected {type(err).__name__}: {err}"
+    )
+    return CaseResult(case, "failed", seconds=round(seconds, 3), error=message)
+
+
+def resumed_results(plan: list[Case], resume: bool) -> tuple[list[Case], list[CaseResult]]:
+    """Split the plan into cases to run and rows for cases finished earlier (``resume``: the
+    output exists; the earlier summary row is kept when there is one)."""
+    if not resume or not plan:
+        return list(plan), []
+    previous = previous_results(plan[0].output.parent)
+    todo, done = [], []
+    for case in plan:
+        if case.output.exists():
+            old = previous.get(case.name)
+            ok = old is not None and old.status == "ok"
+            done.append(old if ok else CaseResult(case.name, "skipped", output=str(case.output)))
+        else:
+            todo.append(case)
+    return todo, done
+
+
 def run_batch(
     session: Session,
     plan: list[Case],
@@ -401,18 +426,8 @@ def run_batch(
     case). The next case's volume is read in a background thread while the current one runs."""
     from fastsam3d.io.read import load_volume
 
-    previous = previous_results(plan[0].output.parent) if resume and plan else {}
-    todo: list[Case] = []
-    for case in plan:
-        if resume and case.output.exists():
-            old = previous.get(case.name)
-            yield (
-                old
-                if old is not None and old.status == "ok"
-                else CaseResult(case.name, "skipped", output=str(case.output))
-            )
-        else:
-            todo.append(case)
+    todo, done = resumed_results(plan, resume)
+    yield from done
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsam3d-read") as reader:
         pending: Future | None = reader.submit(load_volume, todo[0].source) if todo else None
         for n, case in enumerate(todo):
@@ -426,17 +441,8 @@ def run_batch(
                 result = segment_volume(
                     session, volume, case.prompts, case.output, overwrite, case.name
                 )
-            except FastSAM3DError as err:
-                result = CaseResult(
-                    case.name, "failed", seconds=round(time.perf_counter() - t0, 3), error=str(err)
-                )
             except Exception as err:  # noqa: BLE001 - one broken case must not stop the batch
-                result = CaseResult(
-                    case.name,
-                    "failed",
-                    seconds=round(time.perf_counter() - t0, 3),
-                    error=f"unexpected {type(err).__name__}: {err}",
-                )
+                result = failed_result(case.name, err, time.perf_counter() - t0)
             yield result
 
 

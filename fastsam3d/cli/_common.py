@@ -32,7 +32,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(
         level=level if verbose else logging.ERROR,
         format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
+        handlers=[RichHandler(level=level, console=console, show_path=False)],
         force=True,
     )
     logging.getLogger("fastsam3d").setLevel(level)

@@ -252,6 +252,8 @@ def _run_batch(
     results += [
         CaseResult(c.name, "not run", error="interrupted") for c in plan if c.name not in done
     ]
+    order = {c.name: n for n, c in enumerate(plan)}
+    results.sort(key=lambda r: order[r.case])  # Dask returns cases as they finish
     csv_path, json_path = write_summary(results, output_dir)
     failed = [r for r in results if r.status not in ("ok", "skipped")]
     if json_output:
