@@ -168,3 +168,13 @@ def test_models_agree_across_backends(arch: str) -> None:
         for backend in available_backends():
             set_attention_backend(model, backend)
             assert torch.allclose(model.image_encoder(x), ref, atol=1e-4), backend
+
+
+@pytest.mark.parametrize(("size", "grid"), [(192, 12), (256, 16)])
+def test_dilated_encoder_runs_on_larger_crops(size: int, grid: int) -> None:
+    """Non-128 crops: pos-embed resized trilinearly, groups tile 12^3 / 16^3 token grids."""
+    model = build_model("fastsam3d_dilated", embed_dim=24, num_heads=3, out_chans=12)
+    with torch.no_grad():
+        emb, blocks = model.image_encoder(torch.randn(1, 1, size, size, size), return_blocks=True)
+    assert emb.shape == (1, 12, grid, grid, grid)
+    assert len(blocks) == 6 and blocks[-1].shape == (1, grid, grid, grid, 24)
