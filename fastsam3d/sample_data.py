@@ -1,6 +1,6 @@
 """The bundled sample volume and a synthetic phantom with known labels.
 
-* :func:`sample_path` / :func:`load_sample`: a small real abdomen CT (122 x 101 x 112 voxels,
+* :func:`sample_path`, :func:`sample_paths`, :func:`load_sample`: a small real abdomen CT (122 x 101 x 112 voxels,
   3 mm, RAS) with TotalSegmentator reference labels, shipped in ``sample_data/ts_abdomen_ct``
   with its licence (Apache-2.0) and SOURCE.md. The package reaches it through the symlink
   ``fastsam3d/_sample_files -> ../sample_data``, so it is inside wheels too.
@@ -42,11 +42,17 @@ def sample_path() -> Path:
     return sample_dir() / "image.nii.gz"
 
 
+def sample_paths() -> tuple[Path, Path]:
+    """Paths of the bundled sample's image and reference label map (same voxel grid)."""
+    return sample_path(), sample_dir() / "label.nii.gz"
+
+
 def load_sample() -> tuple[Volume, np.ndarray, dict[int, str]]:
     """Load the bundled sample: (CT volume, (I, J, K) uint8 reference labels, value -> name)."""
     folder = sample_dir()
-    volume = load_volume(folder / "image.nii.gz")
-    label = load_volume(folder / "label.nii.gz")
+    image_path, label_path = sample_paths()
+    volume = load_volume(image_path)
+    label = load_volume(label_path)
     if label.shape != volume.shape or not np.allclose(label.affine, volume.affine, atol=1e-4):
         raise VolumeError(f"{folder}: label.nii.gz is not on the image's voxel grid")
     with open(folder / "labels.tsv", newline="") as f:

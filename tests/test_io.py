@@ -291,6 +291,18 @@ def test_two_series_in_one_folder(dicom_series):
     assert [s.uid for s in list_dicom_series(folder)] == ["1.2.3.2", "1.2.3.1"]
 
 
+def test_dicom_series_odd_slices(dicom_series):
+    """A single-slice series is 2D; a series whose slices differ in size is refused clearly."""
+    with pytest.raises(VolumeError, match="2D image"):
+        load_volume(dicom_series(_stored((6, 5, 1)), folder="single"))
+    folder = dicom_series(_stored(), folder="mixed", series_uid="1.2.3.9")
+    dicom_series(_stored((7, 5, 1)), folder="mixed", series_uid="1.2.3.9", origin_lps=(0, 0, 90))
+    with pytest.raises(
+        VolumeError, match=r"series 1.2.3.9 has 5 slices but only \d share one size"
+    ):
+        load_volume(folder)
+
+
 def test_real_dicom_series_matches_nifti_copy(shared_data):
     """The real JPEG 2000 CT series loads as SimpleITK read it into image.nii.gz."""
     folder = shared_data / "ts_ct_dicom_series"

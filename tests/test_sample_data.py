@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from fastsam3d.sample_data import (
     make_phantom,
     sample_dir,
     sample_path,
+    sample_paths,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +40,7 @@ def _touching_pairs(label: np.ndarray) -> set[tuple[int, int]]:
 
 def test_sample_files_and_licence():
     folder = sample_dir()
-    assert sample_path() == folder / "image.nii.gz"
+    assert sample_paths() == (folder / "image.nii.gz", folder / "label.nii.gz")
     for name in ("image.nii.gz", "label.nii.gz", "labels.tsv", "SOURCE.md", "LICENSE.txt"):
         assert (folder / name).is_file(), name
     assert "Apache" in (folder / "LICENSE.txt").read_text()
@@ -114,14 +116,23 @@ def test_phantom_custom_grid():
 
 @pytest.mark.slow
 def test_wheel_ships_sample(tmp_path):
-    """A built wheel contains the sample through the fastsam3d/_sample_files symlink."""
+    """A built wheel contains the sample through the fastsam3d/_sample_files symlink.
+
+    Built from a copy of the sources so setuptools' build/ folder lands in tmp_path.
+    """
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("fastsam3d", "napari_plugin", "sample_data"):
+        shutil.copytree(REPO / name, src / name, symlinks=True, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
     subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
-            str(REPO),
+            str(src),
             "--no-deps",
             "--no-build-isolation",
             "-q",

@@ -44,7 +44,7 @@ def suffix_of(path: str | os.PathLike) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
-@dataclass
+@dataclass(eq=False)  # arrays: compare volumes explicitly, not with ==
 class Volume:
     """A 3D image on a voxel grid with its world geometry.
 
@@ -52,7 +52,8 @@ class Volume:
         array: (I, J, K) float32 intensities as stored (rescale applied), in on-disk index order.
         affine: (4, 4) float64, homogeneous voxel (i, j, k, 1) -> RAS mm.
         source: the file or DICOM folder it came from; None if built in memory.
-        meta: reader metadata (format, orientation, DICOM series UID and files, ...).
+        meta: reader metadata: "format", "orientation"; for DICOM also "series_uid",
+            "series_description", "modality" and "dicom_files" (the series' files, any order).
 
     The constructor validates (3D, at least two voxels along each axis, finite values,
     invertible affine) and raises :class:`~fastsam3d.errors.VolumeError` naming ``source``.
