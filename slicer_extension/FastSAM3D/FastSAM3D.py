@@ -1,0 +1,247 @@
+"""FastSAM3D for 3D Slicer: click-based 3D segmentation, on a fastsam3d server or locally.
+
+Thin Slicer glue (Module / Widget / Logic / Test, the ScriptedLoadableModule pattern). Everything
+that is not Slicer-specific lives in ``FastSAM3DLib/logic.py`` and is tested with pytest outside
+Slicer; read that module for the IJK (k, j, i) <-> (i, j, k) transposes.
+
+Use: pick the volume and a segmentation, enter the server URL (and token) or tick "Local", press
+"Start". Place points with the "+" or "-" tool in any slice view; each point re-segments the
+current object, written into its segment ("FastSAM3D 1", "FastSAM3D 2", ...). "New object" starts
+the next segment; "Undo" reverts the last point (the model's history, then the segment follows);
+"Reset object" clears the current one.
+"""
+
+from __future__ import annotations
+
+import qt
+import slicer
+from FastSAM3DLib.logic import (  # Slicer puts the module's folder on sys.path
+    FastSAM3DLogicCore,
+    local_available,
+    local_backend,
+    remote_backend,
+)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+
+SEGMENT_PREFIX = "FastSAM3D"
+
+
+class FastSAM3D(ScriptedLoadableModule):
+    def __init__(self, parent):
+        super().__init__(parent)
+        parent.title = "FastSAM3D"
+        parent.categories = ["Segmentation"]
+        parent.contributors = ["fastsam3d developers"]
+        parent.helpText = (
+            "Click-based interactive 3D segmentation (FastSAM3D / SAM-Med3D) on a fastsam3d "
+            "server (`fastsam3d serve`) or in Slicer's own Python."
+        )
+        parent.acknowledgementText = "FastSAM3D and SAM-Med3D authors; 3D Slicer community."
+
+
+class FastSAM3DWidget(ScriptedLoadableModuleWidget):
+    """Connection settings, volume/segmentation selectors, point tools and history buttons."""
+
+    def setup(self):
+        super().setup()
+        self.logic = FastSAM3DLogic()
+        form = qt.QFormLayout()
+        box = qt.QGroupBox("FastSAM3D")
+        box.setLayout(form)
+        self.layout.addWidget(box)
+
+        self.urlEdit = qt.QLineEdit("http://127.0.0.1:8765")
+        self.tokenEdit = qt.QLineEdit()
+        self.tokenEdit.setEchoMode(qt.QLineEdit.Password)
+        self.localCheck = qt.QCheckBox("run in Slicer's Python (needs fastsam3d + torch)")
+        self.localCheck.enabled = local_available()
+        self.volumeSelector = self._selector("vtkMRMLScalarVolumeNode", "Volume to segment")
+        self.segmentationSelector = self._selector("vtkMRMLSegmentationNode", "Segmentation")
+        self.segmentationSelector.addEnabled = True
+        form.addRow("Server URL:", self.urlEdit)
+        form.addRow("Token:", self.tokenEdit)
+        form.addRow("Local:", self.localCheck)
+        form.addRow("Volume:", self.volumeSelector)
+        form.addRow("Segmentation:", self.segmentationSelector)
+
+        self.startButton = qt.QPushButton("Start")
+        self.positiveButton = qt.QPushButton("+ point")
+        self.negativeButton = qt.QPushButton("- point")
+        self.newObjectButton = qt.QPushButton("New object")
+        self.undoButton = qt.QPushButton("Undo")
+        self.resetButton = qt.QPushButton("Reset object")
+        row = qt.QHBoxLayout()
+        for button in (
+            self.positiveButton,
+            self.negativeButton,
+            self.newObjectButton,
+            self.undoButton,
+            self.resetButton,
+        ):
+            row.addWidget(button)
+        form.addRow(self.startButton)
+        form.addRow(row)
+        self.statusLabel = qt.QLabel("not started")
+        form.addRow(self.statusLabel)
+        self.layout.addStretch(1)
+
+        self.startButton.connect("clicked()", self.onStart)
+        self.positiveButton.connect("clicked()", lambda: self.placePoint(True))
+        self.negativeButton.connect("clicked()", lambda: self.placePoint(False))
+        self.newObjectButton.connect("clicked()", lambda: self.run(self.logic.newObject))
+        self.undoButton.connect("clicked()", lambda: self.run(self.logic.undo))
+        self.resetButton.connect("clicked()", lambda: self.run(self.logic.reset))
+
+    def _selector(self, node_type, tooltip):
+        selector = slicer.qMRMLNodeComboBox()
+        selector.nodeTypes = [node_type]
+        selector.noneEnabled = False
+        selector.setMRMLScene(slicer.mrmlScene)
+        selector.setToolTip(tooltip)
+        return selector
+
+    def run(self, action, *args):
+        """Run a logic call with a wait cursor and show errors in the status line."""
+        try:
+            with slicer.util.WaitCursor():
+                message = action(*args)
+            self.statusLabel.text = message or "ok"
+        except Exception as err:  # noqa: BLE001 - shown to the user, the widget stays usable
+            self.statusLabel.text = f"error: {err}"
+            slicer.util.errorDisplay(str(err))
+
+    def onStart(self):
+        self.run(
+            self.logic.start,
+            self.volumeSelector.currentNode(),
+            self.segmentationSelector.currentNode(),
+            None if self.localCheck.checked else self.urlEdit.text,
+            self.tokenEdit.text,
+        )
+
+    def placePoint(self, positive):
+        """Arm Slicer's point placement on the + or - markups list."""
+        points = self.logic.pointList(positive)
+        slicer.modules.markups.logic().SetActiveListID(points)
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        interaction.SetCurrentInteractionMode(interaction.Place)
+
+    def cleanup(self):
+        self.logic.stop()
+
+
+class FastSAM3DLogic(ScriptedLoadableModuleLogic):
+    """Slicer side of the logic: nodes in, the Slicer-free core does the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.core = None
+        self.volumeNode = self.segmentationNode = None
+        self.lists = {}
+
+    def start(self, volumeNode, segmentationNode, url=None, token=None):
+        """Open a session on ``volumeNode`` (remote at ``url``, or local when url is None)."""
+        if volumeNode is None or segmentationNode is None:
+            raise ValueError("choose a volume and a segmentation first")
+        self.stop()
+        backend = local_backend() if url is None else remote_backend(url, token)
+        self.core = FastSAM3DLogicCore(backend)
+        ijk_to_ras = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(volumeNode))
+        self.core.set_volume(slicer.util.arrayFromVolume(volumeNode), ijk_to_ras)
+        self.volumeNode, self.segmentationNode = volumeNode, segmentationNode
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        return f"session started on {volumeNode.GetName()}"
+
+    def pointList(self, positive):
+        """The markups list for + or - points, created and observed on first use."""
+        if positive not in self.lists:
+            name = f"{SEGMENT_PREFIX} {'+' if positive else '-'}"
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+            node.GetDisplayNode().SetSelectedColor((0.2, 0.9, 0.2) if positive else (0.9, 0.2, 0.2))
+            node.AddObserver(
+                slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+                lambda caller, _event, p=positive: self.onPointPlaced(caller, p),
+            )
+            self.lists[positive] = node
+        return self.lists[positive].GetID()
+
+    def onPointPlaced(self, node, positive):
+        if self.core is None:
+            slicer.util.errorDisplay("press Start first")
+            return
+        ras = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(node.GetNumberOfControlPoints() - 1, ras)
+        try:
+            with slicer.util.WaitCursor():
+                self.writeSegment(self.core.add_point(ras, positive))
+        except Exception as err:  # noqa: BLE001 - an observer must not raise into Slicer
+            slicer.util.errorDisplay(f"FastSAM3D: {err}")
+
+    def newObject(self):
+        return f"object {self.core.new_object()}"
+
+    def undo(self):
+        if not self.core.undo():
+            return "nothing to undo"
+        for oid in self.core.objects:
+            self.writeSegment(oid)
+        return "undone"
+
+    def reset(self):
+        oid = self.core.active_object
+        self.core.reset(oid)
+        self.writeSegment(oid)
+        return f"object {oid} reset"
+
+    def writeSegment(self, object_id):
+        """Copy one object's mask into its segment (created on first use)."""
+        segmentation = self.segmentationNode.GetSegmentation()
+        segment_id = f"{SEGMENT_PREFIX}_{object_id}"
+        if segmentation.GetSegment(segment_id) is None:
+            segmentation.AddEmptySegment(segment_id, f"{SEGMENT_PREFIX} {object_id}")
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            self.core.mask_kji(object_id), self.segmentationNode, segment_id, self.volumeNode
+        )
+
+    def stop(self):
+        if self.core is not None:
+            self.core.close()
+            self.core = None
+
+
+def _ijk_to_ras(volumeNode):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return matrix
+
+
+class FastSAM3DTest(ScriptedLoadableModuleTest):
+    """Inside Slicer: the (k, j, i) <-> (i, j, k) handling against a real volume node."""
+
+    def runTest(self):
+        slicer.mrmlScene.Clear()
+        self.test_transpose_round_trip()
+
+    def test_transpose_round_trip(self):
+        import numpy as np
+        from FastSAM3DLib.logic import to_slicer, volume_from_slicer
+
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+        kji = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+        slicer.util.updateVolumeFromArray(node, kji)
+        node.SetSpacing(0.5, 0.7, 2.0)
+        array_ijk, affine = volume_from_slicer(
+            slicer.util.arrayFromVolume(node), slicer.util.arrayFromVTKMatrix(_ijk_to_ras(node))
+        )
+        assert array_ijk.shape == (6, 5, 4)
+        assert array_ijk[5, 0, 0] == kji[0, 0, 5]
+        assert np.allclose(np.linalg.norm(affine[:3, :3], axis=0), [0.5, 0.7, 2.0])
+        assert np.array_equal(to_slicer(array_ijk), kji)
+        self.delayDisplay("FastSAM3D transpose round trip passed")
