@@ -293,8 +293,11 @@ def test_two_series_in_one_folder(dicom_series):
 
 def test_dicom_series_odd_slices(dicom_series):
     """A single-slice series is 2D; a series whose slices differ in size is refused clearly."""
+    single = dicom_series(_stored((6, 5, 1)), folder="single")
     with pytest.raises(VolumeError, match="2D image"):
-        load_volume(dicom_series(_stored((6, 5, 1)), folder="single"))
+        load_volume(single)
+    with pytest.raises(VolumeError, match="single 2D DICOM image; pass the folder"):
+        load_volume(next(single.iterdir()))
     folder = dicom_series(_stored(), folder="mixed", series_uid="1.2.3.9")
     dicom_series(_stored((7, 5, 1)), folder="mixed", series_uid="1.2.3.9", origin_lps=(0, 0, 90))
     with pytest.raises(

@@ -246,6 +246,8 @@ def load_volume(
         raise _fail(
             path, f"cannot be read as {fmt} (damaged, truncated or another format): {_short(exc)}"
         ) from exc
+    if fmt == "dicom" and (array.ndim == 2 or array.shape[2] == 1):  # ITK: (I, J, 1)
+        raise _fail(path, "is a single 2D DICOM image; pass the folder holding its series")
     array = _pick_channel(array, channel, path)
     meta: dict[str, Any] = {"format": fmt, "reader": reader_name}
     if channel is not None:
