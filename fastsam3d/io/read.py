@@ -305,7 +305,7 @@ def _read_header(path: Path):
 def _choose_series(folder: Path, series_uid: str | None) -> DicomSeries:
     series = list_dicom_series(folder)
     if not series:
-        raise _fail(folder, "the folder holds no DICOM image slices (and is not an image file)")
+        raise _fail(folder, "the folder holds no DICOM image slices (nor is it an image file)")
     listing = "\n  ".join(s.describe() for s in series)
     if series_uid is not None:
         for s in series:
