@@ -429,6 +429,22 @@ def test_bad_spacing(tmp_path):
             load_volume(tmp_path / name)
 
 
+def test_negative_metaimage_spacing_is_a_flip(tmp_path):
+    """ITK reads a negative ElementSpacing as a flipped axis; we follow SimpleITK exactly."""
+    (tmp_path / "z.raw").write_bytes(_ramp().astype(np.int16).tobytes(order="F"))
+    (tmp_path / "neg.mhd").write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 5 6 7\nElementSpacing = 1 -2 1\n"
+        "ElementType = MET_SHORT\nElementDataFile = z.raw\n"
+    )
+    vol = load_volume(tmp_path / "neg.mhd")
+    lib_array, lib_affine = _library_read(tmp_path / "neg.mhd")
+    np.testing.assert_allclose(vol.affine, lib_affine)
+    np.testing.assert_array_equal(vol.array, lib_array)
+    np.testing.assert_array_equal(vol.array, _ramp())
+    np.testing.assert_allclose(vol.spacing, [1, 2, 1])
+    assert vol.direction_lps[1, 1] == -1.0
+
+
 def test_folder_without_dicom(tmp_path):
     (tmp_path / "readme.txt").write_text("hello")
     (tmp_path / "sub").mkdir()
