@@ -354,10 +354,11 @@ def segment_volume(
     name: str = "",
 ) -> CaseResult:
     """Segment one volume with its prompts and write the label map (named ``name`` in the
-    result); raises FastSAM3DError."""
+    result), creating the output's folder; raises FastSAM3DError."""
     t0 = time.perf_counter()
     session.set_volume(volume)
     prompts.apply(session)
+    output.parent.mkdir(parents=True, exist_ok=True)
     path = write_output(session.label_map, volume, output, overwrite)
     objects, voxels, ml = mask_stats(session.label_map, volume.affine)
     return CaseResult(

@@ -43,12 +43,12 @@ SAMPLE = "sample"
 
 def load_input(text: str) -> Volume:
     """A volume from a file or DICOM folder, or the bundled sample CT for the word ``sample``."""
-    if text == SAMPLE and not Path(text).exists():
-        from fastsam3d.sample_data import load_sample
-
-        return load_sample()
     from fastsam3d.io.read import load_volume
 
+    if text == SAMPLE and not Path(text).exists():
+        from fastsam3d.sample_data import sample_path
+
+        return load_volume(sample_path())
     return load_volume(text)
 
 
@@ -159,7 +159,6 @@ def _run_single(
         raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
     volume = load_input(input)
     prompts.check(volume)
-    output.parent.mkdir(parents=True, exist_ok=True)
     session = make_session(model, device)
     result = segment_volume(
         session, volume, prompts, output, overwrite, name=case_name(Path(input))

@@ -1,0 +1,120 @@
+"""``fastsam3d segment`` and ``doctor`` through the real entry point (``python -m fastsam3d``).
+
+Each subprocess imports torch (a few seconds), so the cases are grouped into few runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _cli_data import run_cli, tiny_model_file, write_phantom
+
+from fastsam3d.io.read import load_volume
+
+INSIDE = "14,21,17"  # a voxel of phantom label 1
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli_segment")
+    image, _ = write_phantom(root, "phantom")
+    return {"root": root, "model": tiny_model_file(root), "image": image}
+
+
+def test_single_volume_json_then_overwrite_refused(data, tmp_path: Path):
+    out = tmp_path / "sub" / "mask.nii.gz"
+    args = ["segment", data["image"], "-o", out, "--point", INSIDE, "--point", "3,3,3:neg"]
+    run = run_cli(*args, "--model", data["model"], "--json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["status"] == "ok" and result["case"] == "phantom" and result["objects"] == 1
+    mask = load_volume(out)
+    image = load_volume(data["image"])
+    assert mask.array.shape == image.array.shape
+    np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)  # the input's geometry
+    assert int((mask.array > 0).sum()) == result["voxels"] > 0
+    before = out.stat().st_mtime_ns
+    again = run_cli(*args, "--model", data["model"])
+    assert again.returncode == 1
+    assert "already exists" in again.stderr and "--overwrite" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert out.stat().st_mtime_ns == before
+
+
+def test_bad_point_one_message_nothing_written(data, tmp_path: Path):
+    out = tmp_path / "mask.nii.gz"
+    run = run_cli(
+        "segment", data["image"], "-o", out, "--point", INSIDE, "--point", "14,21,500:neg",
+        "--model", data["model"],
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert "click 2 (14, 21, 500 voxel)" in run.stderr and "outside the volume" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_model_without_weights_says_so(data, tmp_path: Path):
+    from fastsam3d.weights import default_checkpoint
+
+    if default_checkpoint() is not None:
+        pytest.skip("trained default weights are bundled")
+    run = run_cli("segment", data["image"], "-o", tmp_path / "m.nii.gz", "--point", INSIDE)
+    assert run.returncode == 1
+    assert "no trained default weights" in run.stderr and "--model PATH" in run.stderr
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+@pytest.mark.slow
+def test_batch_with_corrupt_case_then_resume(data, tmp_path: Path):
+    inp = tmp_path / "cases"
+    inp.mkdir()
+    for name, seed in (("a", 1), ("b", 2)):
+        write_phantom(inp, name, seed, label_folder=tmp_path / "labels")
+    (inp / "corrupt.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text(
+        "case,x,y,z,positive,object_id\n"
+        f"a,{INSIDE},1,1\na,3,3,3,0,1\ncorrupt,{INSIDE},1,1\nb,{INSIDE},1,2\n"
+    )
+    out = tmp_path / "masks"
+    run = run_cli("segment", inp, "-o", out, "--prompts", prompts, "--model", data["model"])
+    assert run.returncode == 1, run.stderr  # one case failed
+    assert "corrupt" in run.stderr and "summary" in run.stderr
+    rows = {r["case"]: r for r in json.loads((out / "summary.json").read_text())["cases"]}
+    assert [rows[c]["status"] for c in ("a", "corrupt", "b")] == ["ok", "failed", "ok"]
+    assert "corrupt.nii.gz" in rows["corrupt"]["error"]
+    assert (out / "summary.csv").read_text().splitlines()[0] == (
+        "case,status,objects,voxels,volume_ml,seconds,error,output"
+    )
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz", "b.nii.gz"]
+    assert set(np.unique(load_volume(out / "b.nii.gz").array)) == {0, 2}
+    # Without a flag the existing outputs are refused; --resume skips finished cases.
+    refused = run_cli("segment", inp, "-o", out, "--prompts", prompts, "--model", data["model"])
+    assert refused.returncode == 1 and "--resume" in refused.stderr
+    (inp / "corrupt.nii.gz").unlink()
+    write_phantom(inp, "corrupt", 3, label_folder=tmp_path / "labels")
+    mtime = (out / "a.nii.gz").stat().st_mtime_ns
+    resumed = run_cli(
+        "segment", inp, "-o", out, "--prompts", prompts, "--model", data["model"], "--resume",
+        "--json",
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["status"] for r in json.loads(resumed.stdout)["cases"]] == ["ok"] * 3
+    assert (out / "a.nii.gz").stat().st_mtime_ns == mtime  # not recomputed
+    assert (out / "corrupt.nii.gz").exists()
+
+
+@pytest.mark.slow
+def test_sample_and_doctor(data, tmp_path: Path):
+    out = tmp_path / "liver.nii.gz"
+    run = run_cli("segment", "sample", "-o", out, "--point", "92,51,100", "--model", data["model"])
+    assert run.returncode == 0, run.stderr
+    assert "wrote" in run.stderr and out.exists()
+    doctor = run_cli("doctor", "--model", data["model"], "--clicks", "2", "--json")
+    assert doctor.returncode == 0, doctor.stderr
+    report = json.loads(doctor.stdout)
+    assert report["ok"] and report["latency"]["refine_click_s"] > 0
+    assert any(c["check"] == "sample data" and c["ok"] for c in report["checks"])
