@@ -317,6 +317,10 @@ class FastSAM3DWidget(Container):
             action = getattr(self, name)
             self._prompts.bind_key(key, lambda _layer, a=action: a(), overwrite=True)
         self.viewer.layers.selection.active = self._prompts
+        if self.viewer.dims.ndim == 3 and tuple(self.viewer.dims.order) == (0, 1, 2):
+            # axial slices (world S hidden), anterior up, patient right on the left
+            self.viewer.dims.order = (2, 1, 0)
+            self.viewer.camera.orientation2d = ("up", "left")
         self._autosave_path = self._choose_autosave_path(volume) if self._autosave.value else None
         self._first_click = True
         self._edit_seq = 0

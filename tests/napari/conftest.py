@@ -30,14 +30,21 @@ def small_model() -> torch.nn.Module:
     return build_model("fastsam3d_dilated", **SMALL)
 
 
+#: one model crop per click: tile growth is the session's business (tested there) and a random
+#: model's masks touch every face, which would open the maximum number of tiles on each click
+SESSION_OPTIONS = {"device": "cpu", "max_new_tiles": 0}
+
+
 @pytest.fixture
-def session_factory(small_model):
+def make_session(small_model):
+    """A fresh Session of the small model, as the widget under test builds it."""
+    return lambda: Session(small_model, **SESSION_OPTIONS)
+
+
+@pytest.fixture
+def session_factory(make_session):
     """The widget's session factory with the small model injected (model choice ignored)."""
-
-    def factory(model: str, device: str) -> Session:
-        return Session(small_model, device="cpu")
-
-    return factory
+    return lambda model, device: make_session()
 
 
 def oblique_affine() -> np.ndarray:

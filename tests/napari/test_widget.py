@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from napari.utils.notifications import notification_manager
 from qtpy.QtCore import Qt
 from vispy.util import keys
 
-from fastsam3d.session import Session
+from fastsam3d.io import load_volume
+from fastsam3d.prompts import PromptLog
 from napari_plugin._layers import layer_affine
 from napari_plugin._widget import NEGATIVE_COLOR, POSITIVE_COLOR, FastSAM3DWidget
 
@@ -45,19 +47,22 @@ def _mouse_click(viewer, qtbot, *, ctrl: bool = False) -> None:
 
 def _aim(viewer, image, voxel) -> None:
     """Centre the view on where napari draws ``voxel``: in 3D through the full affine; in 2D
-    (slicing world axis 0) napari slices data axis 0 and draws axes 1, 2 with the displayed
-    block of the affine (no out-of-slice rotation for oblique scans)."""
+    napari slices the hidden data axis and draws the displayed axes with the displayed block
+    of the affine (no out-of-slice rotation for oblique scans)."""
     affine = layer_affine(image)
-    world = affine[:3, :3] @ np.asarray(voxel, float) + affine[:3, 3]
+    voxel = np.asarray(voxel, float)
+    world = affine[:3, :3] @ voxel + affine[:3, 3]
     if viewer.dims.ndisplay == 2:
+        (h,) = viewer.dims.not_displayed
+        shown = list(viewer.dims.displayed)
         inverse = np.linalg.inv(affine)
-        world[0] = (voxel[0] - inverse[0, 3]) / inverse[0, 0]
-        world[1:] = affine[1:3, 1:3] @ np.asarray(voxel[1:], float) + affine[1:3, 3]
+        world[h] = (voxel[h] - inverse[h, 3]) / inverse[h, h]
+        world[shown] = affine[np.ix_(shown, shown)] @ voxel[shown] + affine[shown, 3]
     viewer.dims.point = tuple(world)
-    viewer.camera.center = tuple(world)
+    viewer.camera.center = tuple(world[list(viewer.dims.displayed)])
 
 
-def test_mouse_clicks_2d_match_session(started, qtbot, small_model):
+def test_mouse_clicks_2d_match_session(started, qtbot, make_session):
     viewer, image, widget = started
     assert viewer.dims.ndisplay == 2
     prompts = widget._prompts
@@ -70,13 +75,14 @@ def test_mouse_clicks_2d_match_session(started, qtbot, small_model):
 
     assert len(prompts.data) == 2
     # the click landed on the drawn slice, on the aimed voxel (to within a screen pixel)
-    assert abs(prompts.data[0][0] - np.round(image._data_slice.point[0])) < 1e-6
+    (hidden,) = viewer.dims.not_displayed
+    assert abs(prompts.data[0][hidden] - np.round(image._data_slice.point[hidden])) < 1e-6
     np.testing.assert_allclose(prompts.data[0], (30, 28, 20), atol=0.6)
     np.testing.assert_allclose(prompts.face_color[0], POSITIVE_COLOR)
     np.testing.assert_allclose(prompts.face_color[1], NEGATIVE_COLOR)
     assert list(prompts.features["positive"]) == [True, False]
 
-    reference = Session(small_model, device="cpu")
+    reference = make_session()
     reference.set_volume(widget._volume)
     reference.add_point(prompts.data[0], positive=True)
     reference.add_point(prompts.data[1], positive=False)
@@ -152,3 +158,60 @@ def test_shortcuts_on_prompts_layer(started, qtbot):
     qtbot.keyClick(canvas, Qt.Key_R, Qt.ShiftModifier)  # clear all
     _idle(qtbot, widget)
     assert not widget._labels.data.any()
+
+
+def test_load_mask_then_refine(started, qtbot):
+    viewer, image, widget = started
+    start = np.zeros(image.data.shape, np.uint8)
+    start[25:35, 24:32, 17:23] = 7
+    viewer.add_labels(start, name="earlier mask", affine=layer_affine(image))
+    widget.reset_choices()
+    widget._mask_combo.value = viewer.layers["earlier mask"]
+    widget.load_mask()
+    _idle(qtbot, widget)
+    np.testing.assert_array_equal(widget._labels.data, (start > 0) * 1)
+    widget.add_point((30, 28, 20))
+    _idle(qtbot, widget)
+    assert widget._labels.data.any()
+
+
+def test_autosave_labels_and_replayable_log(started, qtbot, make_session, tmp_path):
+    _viewer, _image, widget = started
+    widget.add_point((30, 28, 20))
+    widget.add_point((12, 10, 8), positive=False)
+    widget.new_object()
+    widget.add_point((8, 48, 30))
+    _idle(qtbot, widget)
+    saved = tmp_path / "out" / "seg.nii.gz"
+    assert widget._autosave_path == saved
+    np.testing.assert_array_equal(load_volume(saved).array, widget._labels.data)
+    # the prompt log alone rebuilds the segmentation (what a crash would leave)
+    replayed = make_session()
+    replayed.set_volume(widget._volume)
+    replayed.replay(PromptLog.load(tmp_path / "out" / "seg.prompts.json"))
+    np.testing.assert_array_equal(replayed.label_map, widget._labels.data)
+    # a restart never overwrites the earlier files
+    widget.start()
+    _idle(qtbot, widget)
+    assert widget._autosave_path == tmp_path / "out" / "seg_2.nii.gz"
+
+
+def test_bad_checkpoint_is_a_notification(make_napari_viewer, qtbot, oblique_nifti, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open(str(oblique_nifti), plugin="fastsam3d")
+    bad = tmp_path / "model.pth"
+    bad.write_bytes(b"definitely not a checkpoint")
+    widget = FastSAM3DWidget(viewer)  # the real default factory
+    viewer.window.add_dock_widget(widget)
+    widget._model_combo.value = "checkpoint file"
+    widget._checkpoint.value = bad
+    widget._autosave.value = False
+    seen = len(notification_manager.records)
+    widget.start()
+    _idle(qtbot, widget)
+    widget.add_point((30, 28, 20))  # no session: a message, not a crash
+    _idle(qtbot, widget)
+    messages = [str(n.message) for n in notification_manager.records[seen:]]
+    assert any("model.pth" in m for m in messages), messages
+    assert any("no model is loaded" in m for m in messages), messages
+    widget._worker.stop()
