@@ -169,8 +169,8 @@ class FastSAM3DWidget(Container):
         self._session_key: tuple[str, str] | None = None
         self._image: Image | None = None
         self._volume: Volume | None = None
-        self._labels: Labels | None = None
-        self._prompts = None
+        self.labels_layer: Labels | None = None
+        self.prompts_layer = None
         self._autosave_path: Path | None = None
         self._edit_seq = 0
         self._first_click = True
@@ -238,6 +238,7 @@ class FastSAM3DWidget(Container):
         self._load_mask_btn.changed.connect(lambda *_: self.load_mask())
         self._save_btn.changed.connect(lambda *_: self.save_now())
 
+        self.max_width = 440
         self._worker = _Worker()
         self._worker.changed = self._on_busy_changed
         self.native.destroyed.connect(self._worker.stop)
@@ -253,16 +254,16 @@ class FastSAM3DWidget(Container):
         return [
             (layer.name, layer)
             for layer in self.viewer.layers
-            if isinstance(layer, Labels) and layer is not self._labels
+            if isinstance(layer, Labels) and layer is not self.labels_layer
         ]
 
     def _on_layers_changed(self, event=None) -> None:
         self.reset_choices()
         layers = self.viewer.layers
-        if self._prompts is not None and self._prompts not in layers:
+        if self.prompts_layer is not None and self.prompts_layer not in layers:
             self._detach_prompts()
-        if self._labels is not None and self._labels not in layers:
-            self._labels = None
+        if self.labels_layer is not None and self.labels_layer not in layers:
+            self.labels_layer = None
 
     def _on_model_choice(self, value: str) -> None:
         self._checkpoint.visible = value == CHECKPOINT
@@ -294,33 +295,34 @@ class FastSAM3DWidget(Container):
         self._image, self._volume = layer, volume
         affine = layer_affine(layer)
         meta = geometry_metadata(volume)
-        self._labels = self.viewer.add_labels(
+        self.labels_layer = self.viewer.add_labels(
             np.zeros(volume.array.shape, np.uint16),
             name=f"{layer.name} FastSAM3D",
             affine=affine,
             metadata=meta,
             opacity=0.55,
         )
-        self._prompts = self.viewer.add_points(
+        self.prompts_layer = self.viewer.add_points(
             np.zeros((0, 3)),
             ndim=3,
             name=f"{layer.name} prompts",
             affine=affine,
             metadata=meta,
-            size=max(3.0, float(min(volume.array.shape)) / 25),
+            size=max(3.0, float(min(volume.array.shape)) / 16),
             border_color="white",
             border_width=0.1,
         )
-        self._prompts.mode = "pan_zoom"
-        self._prompts.mouse_drag_callbacks.append(self._on_mouse_drag)
+        self.prompts_layer.mode = "pan_zoom"
+        self.prompts_layer.mouse_drag_callbacks.append(self._on_mouse_drag)
         for name, key in KEYS.items():
             action = getattr(self, name)
-            self._prompts.bind_key(key, lambda _layer, a=action: a(), overwrite=True)
-        self.viewer.layers.selection.active = self._prompts
+            self.prompts_layer.bind_key(key, lambda _layer, a=action: a(), overwrite=True)
+        self.viewer.layers.selection.active = self.prompts_layer
         if self.viewer.dims.ndim == 3 and tuple(self.viewer.dims.order) == (0, 1, 2):
             # axial slices (world S hidden), anterior up, patient right on the left
             self.viewer.dims.order = (2, 1, 0)
             self.viewer.camera.orientation2d = ("up", "left")
+            self.viewer.reset_view()
         self._autosave_path = self._choose_autosave_path(volume) if self._autosave.value else None
         self._first_click = True
         self._edit_seq = 0
@@ -342,14 +344,14 @@ class FastSAM3DWidget(Container):
         self._status.value = f"ready: click in the image{where}"
 
     def _detach_prompts(self) -> None:
-        if self._prompts is None:
+        if self.prompts_layer is None:
             return
-        callbacks = self._prompts.mouse_drag_callbacks
+        callbacks = self.prompts_layer.mouse_drag_callbacks
         if self._on_mouse_drag in callbacks:
             callbacks.remove(self._on_mouse_drag)
         for key in KEYS.values():
-            self._prompts.bind_key(key, None, overwrite=True)
-        self._prompts = None
+            self.prompts_layer.bind_key(key, None, overwrite=True)
+        self.prompts_layer = None
 
     # ------------------------------------------------------------------ clicks
     def _on_mouse_drag(self, layer, event):
@@ -384,7 +386,7 @@ class FastSAM3DWidget(Container):
             dims_displayed: the displayed world axes.
             positive: False for a negative point.
         """
-        if self._image is None or self._prompts is None:
+        if self._image is None or self.prompts_layer is None:
             show_info("FastSAM3D: choose an image and press Start first")
             return
         try:
@@ -483,7 +485,7 @@ class FastSAM3DWidget(Container):
         t0: float | None = None,
         empty: str | None = None,
     ) -> None:
-        if self._prompts is None and self._labels is None:
+        if self.prompts_layer is None and self.labels_layer is None:
             show_info("FastSAM3D: choose an image and press Start first")
             return
         self._edit_seq += 1
@@ -540,25 +542,25 @@ class FastSAM3DWidget(Container):
 
     def _show(self, result: _Result) -> None:
         edit = result.edit
-        if edit is not None and self._labels is not None:
-            self._labels.data[edit.bbox] = edit.patch
-            self._labels.refresh()
+        if edit is not None and self.labels_layer is not None:
+            self.labels_layer.data[edit.bbox] = edit.patch
+            self.labels_layer.refresh()
         self.active_object = result.active
         count = len(result.objects)
-        self._object_label.value = f"{result.active} (label {result.active}; {count} objects)"
-        if self._labels is not None:
-            self._labels.selected_label = result.active
-        if self._prompts is not None:
+        self._object_label.value = f"{result.active} of {count} (label value {result.active})"
+        if self.labels_layer is not None:
+            self.labels_layer.selected_label = result.active
+        if self.prompts_layer is not None:
             colors = np.where(result.positive[:, None], POSITIVE_COLOR, NEGATIVE_COLOR)
-            self._prompts.data = result.voxels
-            self._prompts.features = {"positive": result.positive, "object": result.object_ids}
+            self.prompts_layer.data = result.voxels
+            self.prompts_layer.features = {"positive": result.positive, "object": result.object_ids}
             if len(result.voxels):
-                self._prompts.face_color = colors
+                self.prompts_layer.face_color = colors
 
     def _draw_pending(self, voxel: np.ndarray, positive: bool) -> None:
         """Show the click at once, before the worker answers (redrawn from the session later)."""
-        self._prompts.current_face_color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
-        self._prompts.add(voxel[None])
+        self.prompts_layer.current_face_color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
+        self.prompts_layer.add(voxel[None])
 
     def _on_busy_changed(self) -> None:
         self._progress.visible = self._worker.pending > 0

@@ -43,10 +43,10 @@ def test_sample_segmentation_and_screenshot(
 
     reference = make_session()
     reference.set_volume(widget._volume)
-    reference.add_point(widget._prompts.data[0], positive=True)
-    reference.add_point(widget._prompts.data[1], positive=False)
-    np.testing.assert_allclose(widget._prompts.data, [inside, outside], atol=1e-6)
-    np.testing.assert_array_equal(widget._labels.data, reference.label_map)
+    reference.add_point(widget.prompts_layer.data[0], positive=True)
+    reference.add_point(widget.prompts_layer.data[1], positive=False)
+    np.testing.assert_allclose(widget.prompts_layer.data, [inside, outside], atol=1e-6)
+    np.testing.assert_array_equal(widget.labels_layer.data, reference.label_map)
     assert "s per click" in widget._status.value
 
     shot = viewer.screenshot(str(tmp_path / "napari_widget.png"), canvas_only=False)

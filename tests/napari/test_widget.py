@@ -65,7 +65,7 @@ def _aim(viewer, image, voxel) -> None:
 def test_mouse_clicks_2d_match_session(started, qtbot, make_session):
     viewer, image, widget = started
     assert viewer.dims.ndisplay == 2
-    prompts = widget._prompts
+    prompts = widget.prompts_layer
     _aim(viewer, image, (30, 28, 20))
     _mouse_click(viewer, qtbot)
     _idle(qtbot, widget)
@@ -86,7 +86,7 @@ def test_mouse_clicks_2d_match_session(started, qtbot, make_session):
     reference.set_volume(widget._volume)
     reference.add_point(prompts.data[0], positive=True)
     reference.add_point(prompts.data[1], positive=False)
-    labels = widget._labels.data
+    labels = widget.labels_layer.data
     assert labels.any()
     np.testing.assert_array_equal(labels, reference.label_map)
     assert widget.last_click_seconds is not None and widget.last_click_seconds > 0
@@ -102,20 +102,20 @@ def test_mouse_click_on_3d_plane(started, qtbot):
     viewer.camera.angles = (15, 25, 60)
     _mouse_click(viewer, qtbot)
     _idle(qtbot, widget)
-    np.testing.assert_allclose(widget._prompts.data[0], (30, 28, 20), atol=0.6)
-    assert widget._labels.data.any()
+    np.testing.assert_allclose(widget.prompts_layer.data[0], (30, 28, 20), atol=0.6)
+    assert widget.labels_layer.data.any()
 
 
 def test_undo_redo_and_two_objects(started, qtbot):
     _viewer, _image, widget = started
-    labels = widget._labels
+    labels = widget.labels_layer
     widget.add_point((30, 28, 20))
     _idle(qtbot, widget)
     first = labels.data.copy()
     assert set(np.unique(first)) == {0, 1}
     widget.undo()
     _idle(qtbot, widget)
-    assert not labels.data.any() and len(widget._prompts.data) == 0
+    assert not labels.data.any() and len(widget.prompts_layer.data) == 0
     widget.redo()
     _idle(qtbot, widget)
     np.testing.assert_array_equal(labels.data, first)
@@ -124,7 +124,7 @@ def test_undo_redo_and_two_objects(started, qtbot):
     _idle(qtbot, widget)
     assert widget.active_object == 2
     assert {1, 2} <= set(np.unique(labels.data))
-    assert set(widget._prompts.features["object"]) == {1, 2}
+    assert set(widget.prompts_layer.features["object"]) == {1, 2}
     widget.reset_object()
     _idle(qtbot, widget)
     assert 2 not in np.unique(labels.data)
@@ -138,26 +138,26 @@ def test_shortcuts_on_prompts_layer(started, qtbot):
     widget.add_point((30, 28, 20))
     _idle(qtbot, widget)
     canvas = viewer.window._qt_viewer.canvas.native
-    viewer.layers.selection.active = widget._prompts
+    viewer.layers.selection.active = widget.prompts_layer
     qtbot.keyClick(canvas, Qt.Key_N)
     _idle(qtbot, widget)
     assert widget.active_object == 2
     widget.add_point((8, 8, 6))
     _idle(qtbot, widget)
-    two = widget._labels.data.copy()
+    two = widget.labels_layer.data.copy()
     assert 2 in two
     qtbot.keyClick(canvas, Qt.Key_Z, Qt.ControlModifier)
     _idle(qtbot, widget)
-    assert 2 not in widget._labels.data
+    assert 2 not in widget.labels_layer.data
     qtbot.keyClick(canvas, Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)
     _idle(qtbot, widget)
-    np.testing.assert_array_equal(widget._labels.data, two)
+    np.testing.assert_array_equal(widget.labels_layer.data, two)
     qtbot.keyClick(canvas, Qt.Key_R)  # reset object 2
     _idle(qtbot, widget)
-    assert 2 not in widget._labels.data and 1 in widget._labels.data
+    assert 2 not in widget.labels_layer.data and 1 in widget.labels_layer.data
     qtbot.keyClick(canvas, Qt.Key_R, Qt.ShiftModifier)  # clear all
     _idle(qtbot, widget)
-    assert not widget._labels.data.any()
+    assert not widget.labels_layer.data.any()
 
 
 def test_load_mask_then_refine(started, qtbot):
@@ -169,10 +169,10 @@ def test_load_mask_then_refine(started, qtbot):
     widget._mask_combo.value = viewer.layers["earlier mask"]
     widget.load_mask()
     _idle(qtbot, widget)
-    np.testing.assert_array_equal(widget._labels.data, (start > 0) * 1)
+    np.testing.assert_array_equal(widget.labels_layer.data, (start > 0) * 1)
     widget.add_point((30, 28, 20))
     _idle(qtbot, widget)
-    assert widget._labels.data.any()
+    assert widget.labels_layer.data.any()
 
 
 def test_autosave_labels_and_replayable_log(started, qtbot, make_session, tmp_path):
@@ -184,12 +184,12 @@ def test_autosave_labels_and_replayable_log(started, qtbot, make_session, tmp_pa
     _idle(qtbot, widget)
     saved = tmp_path / "out" / "seg.nii.gz"
     assert widget._autosave_path == saved
-    np.testing.assert_array_equal(load_volume(saved).array, widget._labels.data)
+    np.testing.assert_array_equal(load_volume(saved).array, widget.labels_layer.data)
     # the prompt log alone rebuilds the segmentation (what a crash would leave)
     replayed = make_session()
     replayed.set_volume(widget._volume)
     replayed.replay(PromptLog.load(tmp_path / "out" / "seg.prompts.json"))
-    np.testing.assert_array_equal(replayed.label_map, widget._labels.data)
+    np.testing.assert_array_equal(replayed.label_map, widget.labels_layer.data)
     # a restart never overwrites the earlier files
     widget.start()
     _idle(qtbot, widget)
