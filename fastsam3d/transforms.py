@@ -97,7 +97,10 @@ def normalize_crop(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sampling_grid(
-    out_to_in: np.ndarray, out_shape: tuple[int, ...], in_shape: tuple[int, ...], device: torch.device
+    out_to_in: np.ndarray,
+    out_shape: tuple[int, ...],
+    in_shape: tuple[int, ...],
+    device: torch.device,
 ) -> torch.Tensor:
     """``grid_sample`` grid (1, *out_shape, 3) for a voxel map ``out_to_in`` (4x4, (d,h,w) order).
 
@@ -131,7 +134,9 @@ def sample_crop(volume: torch.Tensor, affine: np.ndarray, grid: CropGrid) -> tor
     """
     crop_to_native = np.linalg.inv(affine) @ grid.affine
     offset = crop_to_native[:3, 3]
-    if np.allclose(crop_to_native[:3, :3], np.eye(3), atol=1e-6) and np.allclose(offset, np.round(offset), atol=1e-4):
+    if np.allclose(crop_to_native[:3, :3], np.eye(3), atol=1e-6) and np.allclose(
+        offset, np.round(offset), atol=1e-4
+    ):
         return _copy_aligned(volume, np.round(offset).astype(int), grid.size)
     # Only the native sub-box that the crop covers takes part: cheaper for large volumes.
     lo, hi = native_bbox(grid, affine, volume.shape, pad=1)
@@ -140,11 +145,88 @@ def sample_crop(volume: torch.Tensor, affine: np.ndarray, grid: CropGrid) -> tor
         return volume.new_zeros((1, 1, grid.size, grid.size, grid.size))
     shift = np.eye(4)
     shift[:3, 3] = -np.asarray(lo)
-    sampling = _sampling_grid(shift @ crop_to_native, (grid.size,) * 3, tuple(sub.shape), volume.device)
+    axes = _axis_permutation(crop_to_native[:3, :3])
+    if axes is not None:  # axis-aligned (the usual case): three 1D passes instead of 3D sampling
+        return _separable_sample(sub.float(), shift @ crop_to_native, axes, grid.size)[None, None]
+    sampling = _sampling_grid(
+        shift @ crop_to_native, (grid.size,) * 3, tuple(sub.shape), volume.device
+    )
     # Zero outside the volume (the official CropOrPad pads with 0).
     return F.grid_sample(
         sub[None, None].float(), sampling, mode="bilinear", padding_mode="zeros", align_corners=True
     )
+
+
+def _axis_permutation(linear: np.ndarray, tol: float = 1e-9) -> tuple[int, int, int] | None:
+    """For a 3x3 map with one nonzero per row and column (scaling, flips, axis swaps): the
+    column of each row's nonzero; None for anything oblique."""
+    mat = np.abs(np.asarray(linear, dtype=np.float64))
+    big = mat > tol * mat.max()
+    if not (big.sum(0) == 1).all() or not (big.sum(1) == 1).all():
+        return None
+    return tuple(int(np.argmax(row)) for row in big)
+
+
+def _linear_taps(coord: np.ndarray, n: int, border: bool) -> np.ndarray:
+    """Dense 1D linear-interpolation matrix (len(coord), n) sampling positions ``coord``.
+
+    ``border``: clamp positions to [0, n-1] (grid_sample "border"); otherwise neighbours
+    outside the array contribute zero (grid_sample "zeros", align_corners=True).
+    """
+    coord = np.clip(coord, 0, n - 1) if border else coord
+    i0 = np.floor(coord).astype(np.int64)
+    frac = coord - i0
+    mat = np.zeros((len(coord), n))
+    rows = np.arange(len(coord))
+    for idx, w in ((i0, 1 - frac), (i0 + 1, frac)):
+        ok = (idx >= 0) & (idx < n) & (w != 0)
+        np.add.at(mat, (rows[ok], idx[ok]), w[ok])
+    return mat
+
+
+def _apply_axis(x: torch.Tensor, axis: int, mat: np.ndarray) -> torch.Tensor:
+    """Resample ``x`` along ``axis`` with the (n_out, n_in) matrix ``mat``.
+
+    Short inputs (the 32^3 low-res logits) use one matrix product; long ones gather the <= 2
+    nonzero taps per output row (a dense product would cost n_in multiply-adds per voxel).
+    """
+    if mat.shape[1] <= 64:
+        m = torch.as_tensor(mat, dtype=x.dtype, device=x.device)
+        return torch.movedim(torch.tensordot(x, m, dims=([axis], [1])), -1, axis)
+    # Advanced indexing works on strided views (the native sub-box) without a copy;
+    # index_select along dim 0 of such a view was 10-50x slower (torch 2.13, CPU).
+    n_out = mat.shape[0]
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    lead = (slice(None),) * axis
+    order = np.argsort(-np.abs(mat), axis=1, kind="stable")[:, :2]  # the two taps of each row
+    out = None
+    for t in range(order.shape[1]):
+        idx = order[:, t]
+        w = torch.as_tensor(mat[np.arange(n_out), idx], dtype=x.dtype, device=x.device)
+        term = x[(*lead, torch.as_tensor(idx, device=x.device))].mul_(w.reshape(shape))
+        out = term if out is None else out.add_(term)
+    return out
+
+
+def _separable_sample(
+    src: torch.Tensor, out_to_in: np.ndarray, axes: tuple[int, int, int], size: int
+) -> torch.Tensor:
+    """Sample a 3D array on an axis-aligned lattice (zeros outside): (size,)*3 output.
+
+    ``out_to_in`` maps output voxel -> input voxel; input axis ``p`` runs along output axis
+    ``axes[p]``. Exactly trilinear ``grid_sample(..., padding_mode="zeros")``, done as three
+    1D passes (the 3D weights are products of 1D ones), outermost input axis first so the
+    gathers copy whole contiguous planes, then rows.
+    """
+    x = src
+    ramp = np.arange(size, dtype=np.float64)
+    for p in range(3):
+        a = axes[p]
+        coord = out_to_in[p, a] * ramp + out_to_in[p, 3]
+        x = _apply_axis(x, p, _linear_taps(coord, x.shape[p], border=False))
+    inv = [axes.index(a) for a in range(3)]  # input axis that output axis a came from
+    return x.permute(*inv).contiguous()
 
 
 def _copy_aligned(volume: torch.Tensor, start: np.ndarray, size: int) -> torch.Tensor:
@@ -164,7 +246,12 @@ def native_bbox(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Native voxel box [lo, hi) covering the crop cube (clipped to the volume)."""
     corners = np.array(
-        [[a, b, c] for a in (-0.5, grid.size - 0.5) for b in (-0.5, grid.size - 0.5) for c in (-0.5, grid.size - 0.5)]
+        [
+            [a, b, c]
+            for a in (-0.5, grid.size - 0.5)
+            for b in (-0.5, grid.size - 0.5)
+            for c in (-0.5, grid.size - 0.5)
+        ]
     )
     ras = grid.crop_to_ras(corners)
     vox = (np.linalg.inv(affine) @ np.c_[ras, np.ones(8)].T).T[:, :3]
@@ -184,7 +271,9 @@ def crop_logits_to_native(
     """Map crop logits back onto the native grid (trilinear on the logits, not on a mask).
 
     Args:
-        logits: (1, 1, size, size, size) full-resolution crop logits.
+        logits: (1, 1, S, S, S) crop logits: full resolution (S = ``grid.size``) or the model's
+            low-res output (S < ``grid.size``, e.g. 32), which is then upsampled exactly as
+            :func:`upsample_logits` does (trilinear, align_corners=False) on the way.
         grid: the crop they live on.
         affine: (4, 4) native voxel -> RAS.
         shape: native volume shape (I, J, K).
@@ -202,6 +291,16 @@ def crop_logits_to_native(
     native_to_crop = np.linalg.inv(grid.affine) @ affine
     shift = np.eye(4)
     shift[:3, 3] = lo
+    axes = _axis_permutation(native_to_crop[:3, :3])
+    if axes is not None:  # axis-aligned: 1D maps straight from the (low-res) logits
+        return (
+            bbox,
+            *_separable_to_native(
+                logits[0, 0].float(), native_to_crop @ shift, axes, box, grid.size
+            ),
+        )
+    if logits.shape[-1] != grid.size:
+        logits = upsample_logits(logits, grid.size)
     sampling = _sampling_grid(native_to_crop @ shift, box, (grid.size,) * 3, logits.device)
     values = F.grid_sample(
         logits.float(), sampling, mode="bilinear", padding_mode="border", align_corners=True
@@ -223,3 +322,35 @@ def native_mask_to_crop_logits(
     frac = sample_crop(mask.float(), affine, grid)
     frac = F.interpolate(frac, size=(low_res,) * 3, mode="area")
     return (frac * 2.0 - 1.0) * scale
+
+
+def _separable_to_native(
+    logits: torch.Tensor,
+    native_to_crop: np.ndarray,
+    axes: tuple[int, int, int],
+    box: tuple[int, int, int],
+    size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axis-aligned case of :func:`crop_logits_to_native`: (values, inside) over ``box``.
+
+    Per native axis one (n_native, S) matrix composes the optional upsampling S -> ``size``
+    (align_corners=False, as ``F.interpolate``) with the border-clamped linear sampling of the
+    full-resolution crop (as ``grid_sample(..., "border", align_corners=True)``), so the result
+    equals upsample + grid_sample without ever forming the 128^3 logits or a sampling grid.
+    """
+    low = logits.shape[-1]
+    up = np.eye(size)
+    if low != size:  # full-res voxel u reads low-res position (u + 0.5) * low / size - 0.5
+        src = np.maximum((np.arange(size) + 0.5) * low / size - 0.5, 0.0)
+        up = _linear_taps(src, low, border=True)
+    inv = [axes.index(p) for p in range(3)]  # crop axis that native axis p runs along
+    x = logits.permute(*inv)
+    inside = []
+    for p in range(3):
+        a = inv[p]
+        coord = native_to_crop[a, p] * np.arange(box[p], dtype=np.float64) + native_to_crop[a, 3]
+        x = _apply_axis(x, p, _linear_taps(coord, size, border=True) @ up)
+        # inside the cube = within half a crop voxel of its outer voxel centres
+        ok = torch.as_tensor((coord >= -0.5) & (coord <= size - 0.5), device=logits.device)
+        inside.append(ok.reshape([-1 if q == p else 1 for q in range(3)]))
+    return x.contiguous(), inside[0] & inside[1] & inside[2]
