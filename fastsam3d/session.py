@@ -525,7 +525,7 @@ class Session:
         hi = np.max([b[1] for b in boxes], axis=0)
         canvas = torch.full(tuple(hi - lo), -torch.inf, device=self.predictor.device)
         for t in tiles:  # later tiles win where tiles overlap
-            bbox, values, inside = crop_logits_to_native(upsample_logits(t.logits), t.grid, affine, shape)
+            bbox, values, inside = crop_logits_to_native(t.logits, t.grid, affine, shape)
             a = np.maximum([s.start for s in bbox], lo)
             b = np.minimum([s.stop for s in bbox], hi)
             if np.any(b <= a):
