@@ -8,13 +8,16 @@ objects. Torch only: no file I/O beyond the checkpoint, no geometry.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Hashable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fastsam3d.errors import PromptError
+from fastsam3d.modeling import Sam3D
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -24,21 +27,73 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+DTYPES = ("fp32", "bf16")
+COMPILE_MODES = ("cudagraphs", "inductor")
+QUANTIZE_MODES = ("int8",)
+
+
 class Predictor:
     """Runs a :class:`~fastsam3d.modeling.sam3d.Sam3D` on crops with an embedding cache.
+
+    The defaults (float32, eager) are the reference. The faster paths are opt-in and checked
+    against it in ``tests/test_perf_paths.py`` (masks Dice >= 0.99); ``benchmarks/NOTES.md``
+    says what each one buys.
 
     Args:
         model: the model (moved to ``device`` and set to eval mode).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
         cache_size: how many crop embeddings to keep.
+        dtype: ``"fp32"`` or ``"bf16"`` (autocast: matrix products in bfloat16, norms and
+            softmax in float32; outputs are float32 either way).
+        compile: None (eager), ``"cudagraphs"`` (CUDA only: encoder and click captured once per
+            prompt shape and replayed, which removes the kernel-launch and host overhead that
+            dominates a 128^3 click on a GPU) or ``"inductor"`` (``torch.compile``; mode
+            ``"reduce-overhead"`` on CUDA). If capture or compilation fails, the predictor warns
+            and stays eager.
+        quantize: None or ``"int8"`` (CPU only: dynamic int8 quantisation of the image encoder's
+            Linear layers, weights int8, activations quantised per call, fbgemm kernels; the
+            decoder stays float32 because its small matrices ran 5x slower quantised).
     """
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "auto", cache_size: int = 16):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: str | torch.device = "auto",
+        cache_size: int = 16,
+        *,
+        dtype: str = "fp32",
+        compile: str | None = None,
+        quantize: str | None = None,
+    ):
         self.device = resolve_device(device)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {compile!r}")
+        if compile == "cudagraphs" and self.device.type != "cuda":
+            raise ValueError("compile='cudagraphs' needs a CUDA device")
+        if quantize is not None and quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be None or one of {QUANTIZE_MODES}, got {quantize!r}")
+        if quantize and self.device.type != "cpu":
+            raise ValueError("quantize='int8' runs on the CPU only")
         self.model = model.to(self.device).eval()
+        if quantize:  # a new Sam3D: the caller's model (maybe shared) keeps its float encoder
+            m = self.model
+            encoder = quantize_linear_int8(m.image_encoder)
+            self.model = Sam3D(encoder, m.prompt_encoder, m.mask_decoder, m.config).eval()
+        self.dtype = dtype
+        self.compile = compile
         self.cache_size = cache_size
         self._cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self._embedding: torch.Tensor | None = None
+        self._dense_pe: torch.Tensor | None = None
+        self._encode = self._encode_eager
+        self._click = self._click_eager
+        self._graphs: dict[tuple, CudaGraph] = {}
+        if compile == "inductor":
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._encode = torch.compile(self._encode_eager, mode=mode, dynamic=False)
+            self._click = torch.compile(self._click_eager, mode=mode, dynamic=False)
         self.encoder_calls = 0  # how many times the image encoder ran (tests check the cache)
 
     @property
@@ -48,6 +103,48 @@ class Predictor:
     @property
     def img_size(self) -> int:
         return int(getattr(self.model.config, "img_size", 128))
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == "bf16")
+
+    def _encode_eager(self, image: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.model.image_encoder(image).float()
+
+    def _click_eager(
+        self,
+        embedding: torch.Tensor,
+        dense_pe: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=embedding,
+                image_pe=dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+        return low_res.float(), iou.float()
+
+    def _run(self, name: str, fn, args: tuple, key: tuple):
+        """``fn(*args)``, through a CUDA graph keyed by ``key`` when ``compile="cudagraphs"``."""
+        if self.compile != "cudagraphs":
+            return fn(*args)
+        graph = self._graphs.get((name, *key))
+        if graph is None:
+            try:
+                graph = CudaGraph(fn, args)
+            except RuntimeError as err:  # capture unsupported here: stay eager, say so once
+                warnings.warn(f"CUDA graph capture failed ({err}); running eagerly", stacklevel=3)
+                self.compile = None
+                return fn(*args)
+            self._graphs[(name, *key)] = graph
+        return graph(args)
 
     @torch.inference_mode()
     def set_image(self, image: torch.Tensor | None = None, key: Hashable | None = None) -> None:
@@ -63,7 +160,8 @@ class Predictor:
             return
         if image is None:
             raise KeyError(f"no cached embedding for {key!r} and no image given")
-        embedding = self.model.image_encoder(image.to(self.device, torch.float32))
+        image = image.to(self.device, torch.float32)
+        embedding = self._run("encode", self._encode, (image,), (tuple(image.shape),))
         self.encoder_calls += 1
         self._embedding = embedding
         if key is not None:
@@ -97,7 +195,8 @@ class Predictor:
             multimask: return the 3 multimask outputs instead of the single one.
 
         Returns:
-            ``(low_res_logits, iou)``: (1, K, 32, 32, 32) and (1, K), K = 3 if multimask else 1.
+            ``(low_res_logits, iou)``: (1, K, 32, 32, 32) and (1, K), K = 3 if multimask else 1,
+            float32 on the predictor's device.
         """
         if self._embedding is None:
             raise RuntimeError("call set_image() before predict()")
@@ -106,24 +205,96 @@ class Predictor:
         dev = self.device
         pts = None
         if points is not None:
-            coords = torch.as_tensor(points, dtype=torch.float32, device=dev).reshape(1, -1, 3)
-            lbl = torch.as_tensor(labels, dtype=torch.int64, device=dev).reshape(1, -1)
+            coords = torch.as_tensor(points, dtype=torch.float32).reshape(1, -1, 3).to(dev)
+            lbl = torch.as_tensor(labels, dtype=torch.int64).reshape(1, -1).to(dev)
             pts = (coords, lbl)
-        boxes = None if box is None else torch.as_tensor(box, dtype=torch.float32, device=dev).reshape(1, 2, 3)
-        masks = None if mask_input is None else mask_input.to(dev, torch.float32)
-        sparse, dense = self.model.prompt_encoder(points=pts, boxes=boxes, masks=masks)
-        low_res, iou = self.model.mask_decoder(
-            image_embeddings=self._embedding,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
+        boxes = (
+            None
+            if box is None
+            else torch.as_tensor(box, dtype=torch.float32).reshape(1, 2, 3).to(dev)
         )
-        return low_res, iou
+        masks = None if mask_input is None else mask_input.to(dev, torch.float32)
+        if self._dense_pe is None:  # constant: computed once, not per click
+            self._dense_pe = self.model.prompt_encoder.get_dense_pe()
+        key = (
+            None if pts is None else pts[0].shape[1],
+            boxes is not None,
+            masks is not None,
+            multimask,
+            tuple(self._embedding.shape),
+        )
+        args = (self._embedding, self._dense_pe, pts, boxes, masks, multimask)
+        return self._run("click", self._click, args, key)
 
 
-def load_predictor(model: str | Path | torch.nn.Module = "default", device: str = "auto") -> tuple[Predictor, str]:
+class CudaGraph:
+    """One CUDA graph of ``fn(*args)``: static copies of the tensor inputs, outputs cloned out.
+
+    ``args`` may nest tensors in tuples and hold plain Python values (part of the graph key).
+    Every graph shares one memory pool: replays run one after another on one stream and their
+    outputs are cloned before the next replay, so they never overwrite each other's results.
+    """
+
+    _pool = None
+
+    def __init__(self, fn, args: tuple):
+        self.static_args = _map_tensors(args, torch.clone)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: cuBLAS/cuDNN handles and autotuning outside capture
+                fn(*self.static_args)
+        torch.cuda.current_stream().wait_stream(stream)
+        if CudaGraph._pool is None:
+            CudaGraph._pool = torch.cuda.graph_pool_handle()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=CudaGraph._pool):
+            self.static_out = fn(*self.static_args)
+
+    def __call__(self, args: tuple):
+        _map_tensors((self.static_args, args), None)
+        self.graph.replay()
+        return _map_tensors(self.static_out, torch.clone)
+
+
+def _map_tensors(tree, fn):
+    """Apply ``fn`` to every tensor in nested tuples; with ``fn=None`` and ``tree=(dst, src)``
+    copy ``src``'s tensors into ``dst``'s."""
+    if fn is None:
+        dst, src = tree
+        if isinstance(dst, torch.Tensor):
+            dst.copy_(src)
+        elif isinstance(dst, tuple):
+            for d, s in zip(dst, src):
+                _map_tensors((d, s), None)
+        return None
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, tuple):
+        return tuple(_map_tensors(t, fn) for t in tree)
+    return tree
+
+
+def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantisation of every ``nn.Linear`` of ``model`` (CPU; a quantised copy).
+
+    Weights are stored int8 per tensor, activations are quantised on the fly per call, and the
+    matrix products run in fbgemm (x86) or qnnpack (ARM). Convolutions, norms and attention
+    stay float32.
+    """
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def load_predictor(
+    model: str | Path | torch.nn.Module = "default", device: str = "auto", **options: Any
+) -> tuple[Predictor, str]:
     """A predictor for ``model``: ``"default"`` (bundled weights), a checkpoint path, or a module.
+
+    ``options`` go to :class:`Predictor` (``dtype``, ``compile``, ``quantize``, ``cache_size``).
 
     Returns the predictor and a display name. Raises CheckpointError if ``"default"`` is asked
     for and no trained weights are bundled: random weights are never presented as a model.
@@ -132,7 +303,7 @@ def load_predictor(model: str | Path | torch.nn.Module = "default", device: str 
     from fastsam3d.registry import build_model
 
     if isinstance(model, torch.nn.Module):
-        return Predictor(model, device), type(model).__name__
+        return Predictor(model, device, **options), type(model).__name__
     if str(model) == "default":
         from fastsam3d.weights import default_checkpoint
 
@@ -142,8 +313,8 @@ def load_predictor(model: str | Path | torch.nn.Module = "default", device: str 
                 "no trained default weights are bundled with this installation; pass a "
                 "checkpoint file (e.g. an official FastSAM3D or SAM-Med3D .pth) with --model PATH"
             )
-        return Predictor(build_model(checkpoint=path), device), "default"
+        return Predictor(build_model(checkpoint=path), device, **options), "default"
     path = Path(model)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file (use 'default' or a path)")
-    return Predictor(build_model(checkpoint=path), device), path.name
+    return Predictor(build_model(checkpoint=path), device, **options), path.name
