@@ -150,3 +150,22 @@ def test_run_batch_failure_resume_and_summary(tmp_path: Path):
     again = {r.case: r for r in run_batch(session, plan, resume=True)}
     assert again["a"] == status["a"] and again["broken"].status == "failed"
     assert (out / "a.nii.gz").stat().st_mtime_ns == mtime
+
+
+def test_prompt_log_file_replays_a_session(tmp_path: Path):
+    """A log saved by an interactive session (napari, Slicer, server) re-runs to the same mask."""
+    from fastsam3d.batch import segment_volume
+    from fastsam3d.session import Session
+
+    image, _ = write_phantom(tmp_path, "a")
+    volume = load_volume(image)
+    session = Session(tiny_model(), device="cpu")
+    session.set_volume(volume)
+    session.add_point(INSIDE)
+    session.add_point((5, 5, 5), positive=False)
+    expected = session.label_map.copy()
+    session.log.save(tmp_path / "log.json")
+    prompts = read_prompts(tmp_path / "log.json")
+    result = segment_volume(session, volume, prompts, tmp_path / "out" / "a.nii.gz", name="a")
+    assert result.status == "ok" and result.voxels == int((expected > 0).sum())
+    np.testing.assert_array_equal(load_volume(tmp_path / "out" / "a.nii.gz").array, expected)
