@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from napari.utils.notifications import notification_manager
 from qtpy.QtCore import Qt
+from vispy.app.canvas import MouseEvent
 from vispy.util import keys
 
 from fastsam3d.io import load_volume
@@ -35,13 +36,13 @@ def started(make_napari_viewer, qtbot, oblique_nifti, session_factory, tmp_path)
     widget._worker.stop()
 
 
-def _mouse_click(viewer, qtbot, *, ctrl: bool = False) -> None:
+def _mouse_click(viewer, qtbot, *, ctrl: bool = False, button: int = 1) -> None:
     """A real mouse click (press, release) at the canvas centre, through vispy."""
     canvas = viewer.window._qt_viewer.canvas._scene_canvas
     centre = tuple(s / 2 for s in canvas.size)
     mods = (keys.CONTROL,) if ctrl else ()
-    canvas.events.mouse_press(pos=centre, modifiers=mods, button=1)
-    canvas.events.mouse_release(pos=centre, modifiers=mods, button=1)
+    canvas.events.mouse_press(pos=centre, modifiers=mods, button=button)
+    canvas.events.mouse_release(pos=centre, modifiers=mods, button=button)
     qtbot.wait(10)
 
 
@@ -92,7 +93,7 @@ def test_mouse_clicks_2d_match_session(started, qtbot, make_session):
     assert widget.last_click_seconds is not None and widget.last_click_seconds > 0
 
 
-def test_mouse_click_on_3d_plane(started, qtbot):
+def test_mouse_clicks_in_3d_plane_and_volume(started, qtbot):
     viewer, image, widget = started
     viewer.dims.ndisplay = 3
     image.depiction = "plane"
@@ -102,8 +103,28 @@ def test_mouse_click_on_3d_plane(started, qtbot):
     viewer.camera.angles = (15, 25, 60)
     _mouse_click(viewer, qtbot)
     _idle(qtbot, widget)
-    np.testing.assert_allclose(widget.prompts_layer.data[0], (30, 28, 20), atol=0.6)
+    np.testing.assert_allclose(widget.prompts_layer.data[0], (30, 28, 20), atol=1e-6)
     assert widget.labels_layer.data.any()
+    # volume rendering: a right-click picks the brightest voxel on the ray (the ellipsoid)
+    image.depiction = "volume"
+    image.rendering = "mip"
+    _mouse_click(viewer, qtbot, button=2)
+    _idle(qtbot, widget)
+    picked = widget.prompts_layer.data[1]
+    assert ((((picked - (30, 28, 20)) / (14, 10, 8)) ** 2).sum()) <= 1
+    assert not widget.prompts_layer.features["positive"][1]
+    # a drag rotates the view and adds nothing
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+    canvas.events.mouse_press(pos=(300, 300), modifiers=(), button=1)
+    canvas.events.mouse_move(
+        pos=(360, 330),
+        modifiers=(),
+        button=1,
+        press_event=MouseEvent(pos=(300, 300), type="mouse_press"),
+    )
+    canvas.events.mouse_release(pos=(360, 330), modifiers=(), button=1)
+    _idle(qtbot, widget)
+    assert len(widget.prompts_layer.data) == 2
 
 
 def test_undo_redo_and_two_objects(started, qtbot):
