@@ -244,6 +244,22 @@ def test_several_clients_at_once(server, volume):
         np.testing.assert_array_equal(other, results[0])
 
 
+def test_same_session_requests_are_ordered(server, volume):
+    """Concurrent requests to one session run one at a time: 6 parallel new_object calls get 6
+    distinct ids and the log records all of them."""
+    sid = upload(server, volume)["session_id"]
+    base = f"{server}/v1/sessions/{sid}"
+
+    def new(_n: int) -> int:
+        return httpx.post(f"{base}/objects", json={}, timeout=60).json()["object_id"]
+
+    with ThreadPoolExecutor(6) as pool:
+        ids = list(pool.map(new, range(6), timeout=60))
+    assert sorted(ids) == [2, 3, 4, 5, 6, 7]
+    assert [e["op"] for e in httpx.get(f"{base}/log").json()["events"]] == ["new_object"] * 6
+    httpx.delete(base)
+
+
 def test_eviction_404_then_client_recovers(server, volume):
     """With MAX_SESSIONS = 3 sessions allowed, a 4th upload evicts the least recently used; its client gets a
     404 under the hood and transparently re-uploads and replays."""
