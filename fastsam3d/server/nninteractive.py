@@ -180,7 +180,7 @@ Step = Callable[[Session], list[Edit]]
 
 @dataclass
 class Lease:
-    """One nnInteractive client: its session, target buffer shape, queue and undo stack."""
+    """One nnInteractive client: its session, queued interactions and undo stack."""
 
     session: Session | None = None
     queued: list[Step] = field(default_factory=list)
