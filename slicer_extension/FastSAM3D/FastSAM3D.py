@@ -8,7 +8,8 @@ Use: pick the volume and a segmentation, enter the server URL (and token) or tic
 "Start". Place points with the "+" or "-" tool in any slice view; each point re-segments the
 current object, written into its segment ("FastSAM3D 1", "FastSAM3D 2", ...). "New object" starts
 the next segment; "Undo" reverts the last point (the model's history, then the segment follows);
-"Reset object" clears the current one.
+"Reset object" clears the current one. Writes are also saved in the Segment Editor's undo stack
+when the Segment Editor is showing the same segmentation.
 """
 
 from __future__ import annotations
@@ -199,7 +200,9 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         return f"object {oid} reset"
 
     def writeSegment(self, object_id):
-        """Copy one object's mask into its segment (created on first use)."""
+        """Copy one object's mask into its segment (created on first use), after saving the
+        segmentation's state in the Segment Editor's undo stack when the editor shows it."""
+        self.saveStateForUndo()
         segmentation = self.segmentationNode.GetSegmentation()
         segment_id = f"{SEGMENT_PREFIX}_{object_id}"
         if segmentation.GetSegment(segment_id) is None:
@@ -207,6 +210,13 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         slicer.util.updateSegmentBinaryLabelmapFromArray(
             self.core.mask_kji(object_id), self.segmentationNode, segment_id, self.volumeNode
         )
+
+    def saveStateForUndo(self):
+        """Let the Segment Editor's own Undo revert our writes too (if it edits this node)."""
+        widget = slicer.modules.segmenteditor.widgetRepresentation()
+        editor = getattr(widget.self(), "editor", None) if widget else None
+        if editor is not None and editor.segmentationNode() is self.segmentationNode:
+            editor.saveStateForUndo()
 
     def stop(self):
         if self.core is not None:
