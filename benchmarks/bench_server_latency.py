@@ -76,18 +76,11 @@ def main() -> None:
                 except httpx.HTTPError:
                     time.sleep(0.2)
             remote = RemoteSession(url)
-            t0 = time.perf_counter()
-            remote.set_volume_file(sample_path())
-            upload = time.perf_counter() - t0
-            print(
-                json.dumps(
-                    {
-                        "bench": "server_upload",
-                        "seconds": round(upload, 3),
-                        "shape": list(volume.shape),
-                    }
-                )
-            )
+            for run in ("first", "again"):  # the first upload also imports the NIfTI reader
+                t0 = time.perf_counter()
+                remote.set_volume_file(sample_path())
+                seconds = time.perf_counter() - t0
+                print(json.dumps({"bench": f"server_upload_{run}", "seconds": round(seconds, 3)}))
             local = Session(model, device=args.device)
             local.set_volume(volume)
             for n, (ras, positive) in enumerate(clicks):
