@@ -87,6 +87,8 @@ class RemoteSession:
         raise kind(f"server said {resp.status_code}: {detail}")
 
     def _start(self) -> None:
+        """Upload the volume into a new server session (ending the previous one)."""
+        self._end()
         body, headers = self._upload  # type: ignore[misc]
         info = self._check(self._http.post("/v1/sessions", content=body, headers=headers)).json()
         self.session_id = info["session_id"]
@@ -237,14 +239,18 @@ class RemoteSession:
         return self.label_map == (self.active_object if object_id is None else object_id)
 
     # ------------------------------------------------------------------ life cycle
-    def close(self) -> None:
-        """End the server session (best effort) and close the connection."""
+    def _end(self) -> None:
+        """Delete the server session, if any (best effort: it may be gone already)."""
         if self.session_id is not None:
             try:
                 self._http.delete(f"/v1/sessions/{self.session_id}")
             except httpx.HTTPError:
                 pass
             self.session_id = None
+
+    def close(self) -> None:
+        """End the server session (best effort) and close the connection."""
+        self._end()
         self._http.close()
 
     def __enter__(self) -> RemoteSession:  # noqa: PYI034 - Python 3.10 has no typing.Self

@@ -324,3 +324,14 @@ def test_non_loopback_needs_token(monkeypatch):
     assert resolve_token("0.0.0.0", "t") == "t"
     monkeypatch.setenv("FASTSAM3D_TOKEN", "from-env")
     assert resolve_token("10.0.0.5", None) == "from-env"
+
+
+def test_client_new_volume_ends_previous_session(server, volume):
+    with RemoteSession(server) as remote:
+        remote.set_volume(volume)
+        first = remote.session_id
+        remote.set_volume(volume.array[:20], volume.affine)
+        second = remote.session_id
+        assert httpx.get(f"{server}/v1/sessions/{first}").status_code == 404
+        assert remote.label_map.shape == (20, 48, 40)
+    assert httpx.get(f"{server}/v1/sessions/{second}").status_code == 404
