@@ -212,7 +212,11 @@ class FastSAM3DWidget(Container):
         self._status = Label(label="Status", value="Choose an image and press Start.")
         help_text = Label(
             label="",
-            value="click: positive  ·  Ctrl/right-click: negative\ndrag: rotate/pan",
+            value=(
+                "On the prompts layer: click = positive point,\n"
+                "Ctrl+click or right-click = negative point,\n"
+                "drag = pan/rotate (adds nothing)."
+            ),
         )
         self.extend(
             [
@@ -325,7 +329,6 @@ class FastSAM3DWidget(Container):
             self.viewer.reset_view()
         self._autosave_path = self._choose_autosave_path(volume) if self._autosave.value else None
         self._first_click = True
-        self._edit_seq = 0
         self._status.value = "loading the model…"
         self._submit(partial(self._open_session, model, device, volume), self._on_started)
 
