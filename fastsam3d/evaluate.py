@@ -342,6 +342,7 @@ def plot(rows: list[Row], path: Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     styles = {"model": "-o", "baseline": "--s"}
@@ -355,6 +356,7 @@ def plot(rows: list[Row], path: Path, title: str = "") -> Path:
                 ax.plot(
                     [s["step"] for s in pts], [s["dice"] for s in pts], styles[method], label=label
                 )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("prompts (clicks; box protocol: box = 1)")
     ax.set_ylabel("mean Dice")
     ax.set_ylim(0, 1)

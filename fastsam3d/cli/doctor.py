@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from fastsam3d.cli import app
-from fastsam3d.cli._common import EXIT_FAILED, console, print_json
+from fastsam3d.cli._common import EXIT_FAILED, console, print_json, setup_logging
 
 #: (module, what needs it, required)
 MODULES = (
@@ -51,6 +51,7 @@ def doctor(
     ] = False,
 ) -> None:
     """Check imports, weights, sample data and device; time first and refinement clicks."""
+    setup_logging(0, False)
     checks: list[dict] = []
 
     def check(name: str, ok: bool, detail: str, required: bool = True) -> None:
