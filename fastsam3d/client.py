@@ -96,7 +96,7 @@ class RemoteSession:
         self.label_map = np.zeros(tuple(info["shape"]), np.uint16)
         self.objects, self.active_object = info["objects"], info["active_object"]
 
-    def _post(self, path: str, body: Any = None, *, record: bool = True) -> dict[str, Any]:
+    def _post(self, path: str, body: Any = None) -> dict[str, Any]:
         """POST to the session, recovering once from a dropped session (404)."""
         if self.session_id is None:
             raise FastSAM3DError("no volume set: call set_volume() first")
@@ -105,8 +105,7 @@ class RemoteSession:
             self._recover()
             resp = self._http.post(f"/v1/sessions/{self.session_id}/{path}", json=body)
         data = self._check(resp).json()
-        if record:
-            self._history.append((path, body))
+        self._history.append((path, body))
         return data
 
     def _recover(self) -> None:
