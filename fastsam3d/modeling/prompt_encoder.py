@@ -99,8 +99,11 @@ class PromptEncoder3D(nn.Module):
         return self.pe_layer.encode(coords).permute(3, 0, 1, 2)[None]
 
     def _embed_coords(self, coords: torch.Tensor) -> torch.Tensor:
-        size = torch.tensor(self.input_image_size, dtype=torch.float32, device=coords.device)
-        return self.pe_layer.encode((coords.float() + 0.5) / size)
+        # per-axis Python scalars, not a size tensor: no host -> device copy in the click path
+        # (such a copy is a host sync and cannot be captured in a CUDA graph)
+        coords = coords.float()
+        norm = [(coords[..., i] + 0.5) / n for i, n in enumerate(self.input_image_size)]
+        return self.pe_layer.encode(torch.stack(norm, dim=-1))
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         if pad:  # one padding point when no box follows (official behaviour)
