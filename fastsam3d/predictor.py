@@ -105,7 +105,9 @@ class Predictor:
         return int(getattr(self.model.config, "img_size", 128))
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == "bf16")
+        # no cast cache: each weight is used once per call, and a cache is unsafe in capture
+        bf16 = self.dtype == "bf16"
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=bf16, cache_enabled=False)
 
     def _encode_eager(self, image: torch.Tensor) -> torch.Tensor:
         with self._autocast():
