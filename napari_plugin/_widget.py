@@ -157,14 +157,15 @@ class FastSAM3DWidget(Container):
 
     Args:
         napari_viewer: the viewer (injected by napari).
-        session_factory: builds the :class:`Session` for ``(model, device)``; tests pass one
-            that wraps a small built model. Default: ``Session(model, device=device)``.
+        session_factory: builds the :class:`Session` for ``(model, device)`` on the worker
+            thread at Start (also settable as the ``session_factory`` attribute, e.g. to wrap a
+            built model in tests). Default: ``Session(model, device=device)``.
     """
 
     def __init__(self, napari_viewer, session_factory: SessionFactory | None = None) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self._factory = session_factory or _default_factory
+        self.session_factory = session_factory or _default_factory
         self._session: Session | None = None  # touched only on the worker thread
         self._session_key: tuple[str, str] | None = None
         self._image: Image | None = None
@@ -336,7 +337,7 @@ class FastSAM3DWidget(Container):
         """Worker: build the session if model/device changed, then set the volume."""
         if self._session is None or self._session_key != (model, device):
             self._session = None
-            self._session = self._factory(model, device)
+            self._session = self.session_factory(model, device)
             self._session_key = (model, device)
         self._session.set_volume(volume)
         return self._snapshot(None)

@@ -86,3 +86,19 @@ def test_bad_file_is_a_notification(make_napari_viewer, tmp_path, content):
     assert layers == [] and len(viewer.layers) == 0
     messages = [str(n.message) for n in notification_manager.records[seen:]]
     assert any("broken.nii.gz" in m for m in messages), messages
+
+
+def test_widget_from_the_plugins_menu(make_napari_viewer, qtbot, session_factory, tmp_path):
+    """As a user gets it: napari builds the widget (with its public-only viewer proxy)."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("fastsam3d", "sample_ct")
+    _dock, widget = viewer.window.add_plugin_dock_widget("fastsam3d", "FastSAM3D")
+    assert widget._image_combo.value.name == "sample CT"
+    assert [name for name, _ in widget._mask_choices()] == ["sample reference"]
+    widget.session_factory = session_factory
+    widget._save_to.value = tmp_path / "seg.nii.gz"
+    widget.start()
+    widget.add_point((40, 50, 60))
+    qtbot.waitUntil(lambda: widget._worker.pending == 0, timeout=60_000)
+    assert viewer.layers["sample CT FastSAM3D"].data.any()
+    widget._worker.stop()
