@@ -118,3 +118,19 @@ def test_sample_and_doctor(data, tmp_path: Path):
     report = json.loads(doctor.stdout)
     assert report["ok"] and report["latency"]["refine_click_s"] > 0
     assert any(c["check"] == "sample data" and c["ok"] for c in report["checks"])
+
+
+def test_dicom_folder_to_dicom_seg(data, dicom_series, tmp_path: Path):
+    import pydicom
+
+    from fastsam3d.sample_data import make_phantom
+
+    volume, _ = make_phantom(shape=(40, 40, 32), spacing=(1.5, 1.5, 2.0))
+    folder = dicom_series(np.rint(volume.array).astype(np.int16), spacing=(1.5, 1.5, 2.0))
+    out = tmp_path / "seg.dcm"
+    run = run_cli("segment", folder, "-o", out, "--point", INSIDE, "--model", data["model"])
+    assert run.returncode == 0, run.stderr
+    seg = pydicom.dcmread(out)
+    assert seg.Modality == "SEG" and len(seg.SegmentSequence) == 1
+    source = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
