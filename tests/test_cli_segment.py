@@ -134,3 +134,35 @@ def test_dicom_folder_to_dicom_seg(data, dicom_series, tmp_path: Path):
     assert seg.Modality == "SEG" and len(seg.SegmentSequence) == 1
     source = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_cases(data, tmp_path: Path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for n in range(6):
+        write_phantom(inp, f"c{n}", n, label_folder=tmp_path / "labels")
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({f"c{n}": [[14, 21, 17]] for n in range(6)}))
+    args = ["segment", inp, "-o", out, "--prompts", prompts, "--model", data["model"]]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastsam3d", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list(out.glob("c*.nii.gz")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    rows = json.loads((out / "summary.json").read_text())["cases"]
+    done = [r["case"] for r in rows if r["status"] == "ok"]
+    assert done and all((out / f"{c}.nii.gz").exists() for c in done)
+    if len(done) < 6:  # interrupted before the end: exit 130 and the rest marked "not run"
+        assert proc.returncode == 130 and "--resume" in err
+        assert {r["status"] for r in rows} == {"ok", "not run"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in done)

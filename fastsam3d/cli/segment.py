@@ -204,16 +204,6 @@ def _run_batch(
             + (", ..." if len(unprompted) > 5 else ""),
             highlight=False,
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if dask is not None:
-        from fastsam3d.distributed import run_batch_dask
-
-        results_iter = run_batch_dask(
-            plan, model, device, dask, overwrite=overwrite, resume=resume, workers=workers
-        )
-    else:
-        session = make_session(model, device)
-    results: list[CaseResult] = []
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -224,7 +214,6 @@ def _run_batch(
         TimeRemainingColumn(),
         console=console,
         disable=quiet,
-        transient=False,
     )
     task = progress.add_task("starting", total=len(plan))
 
@@ -232,9 +221,17 @@ def _run_batch(
         progress.update(task, description=f"[bold]{case.name}[/bold]")
 
     if dask is None:
+        session = make_session(model, device)
         results_iter = run_batch(
             session, plan, overwrite=overwrite, resume=resume, on_start=on_start
         )
+    else:
+        from fastsam3d.distributed import run_batch_dask
+
+        results_iter = run_batch_dask(
+            plan, model, device, dask, overwrite=overwrite, resume=resume, workers=workers
+        )
+    results: list[CaseResult] = []
     interrupted = False
     with progress:
         try:
