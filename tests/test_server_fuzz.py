@@ -1,9 +1,9 @@
-"""Schemathesis fuzzing of the /v1 OpenAPI schema against the running server: no 5xx, ever.
+"""Schemathesis fuzzing of the server's OpenAPI schema against the running server: no 5xx.
 
 Bounded: a fixed number of generated requests per operation and mode, derandomised. Every
-operation is fuzzed with generated path parameters (mostly unknown sessions) and again, except
-DELETE, against one real session, so that the prompt routes reach the model. The status counts
-are printed (run with ``-s`` to see them).
+operation is fuzzed with schema-valid data (and invalid data too for the /v1 routes), with
+generated path parameters (mostly unknown sessions) and again, except DELETE, against one real
+session, so that the prompt routes reach the model. The status counts are printed (``-s``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,12 @@ def test_openapi_fuzz_finds_no_server_error(server):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 14
     for op in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        # The nnInteractive routes declare only headers (their bodies are raw): negative data
+        # for them is mostly rejected while generating, which costs time and tests little.
+        modes = [GenerationMode.POSITIVE]
+        if op.path.startswith("/v1/"):
+            modes.append(GenerationMode.NEGATIVE)
+        for mode in modes:
             fuzz(op.as_strategy(mode), server, EXAMPLES, counts, failures)
             if "{session_id}" in op.path and op.method.upper() != "DELETE":
                 live = op.as_strategy(mode, path_parameters={"session_id": sid})
@@ -70,4 +75,4 @@ def test_openapi_fuzz_finds_no_server_error(server):
     print(f"\nfuzz: {sum(counts.values())} requests, status counts {dict(sorted(counts.items()))}")
     assert not failures, "\n".join(failures[:10])
     assert httpx.get(f"{server}/v1/health").status_code == 200
-    assert sum(counts.values()) > 200
+    assert sum(counts.values()) > 150
