@@ -16,7 +16,7 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Address to bind; anything but loopback needs a token.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
+    port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 8765,
     token: Annotated[
         str | None,
         typer.Option(
@@ -35,15 +35,17 @@ def serve(
         ),
     ] = False,
     max_upload_mb: Annotated[
-        float, typer.Option(help="Largest request body in MB (413 beyond).")
+        float, typer.Option(help="Largest request body in MB (413 beyond).", min=0.001)
     ] = 512,
-    max_voxels: Annotated[int, typer.Option(help="Largest volume in voxels (413 beyond).")] = 512
-    ** 3,
+    max_voxels: Annotated[
+        int, typer.Option(help="Largest volume in voxels (413 beyond).", min=8)
+    ] = 512**3,
     max_sessions: Annotated[
-        int, typer.Option(help="Live sessions; more evict the least recently used.")
+        int, typer.Option(help="Live sessions; more evict the least recently used.", min=1)
     ] = 8,
     idle_timeout: Annotated[
-        float, typer.Option(help="Seconds before an untouched session is dropped (0 = never).")
+        float,
+        typer.Option(help="Seconds before an untouched session is dropped (0 = never).", min=0),
     ] = 1800,
 ) -> None:
     """Serve interactive segmentation over HTTP (OpenAPI docs at /docs)."""
