@@ -336,7 +336,7 @@ class FastSAM3DWidget(Container):
     def _open_session(self, model: str, device: str, volume: Volume) -> _Result:
         """Worker: build the session if model/device changed, then set the volume."""
         if self._session is None or self._session_key != (model, device):
-            self._session = None
+            self._session, self._session_key = None, None
             self._session = self.session_factory(model, device)
             self._session_key = (model, device)
         self._session.set_volume(volume)
@@ -390,7 +390,7 @@ class FastSAM3DWidget(Container):
             dims_displayed: the displayed world axes.
             positive: False for a negative point.
         """
-        if self._image is None or self.prompts_layer is None:
+        if self._image is None:
             show_info("FastSAM3D: choose an image and press Start first")
             return
         try:
@@ -402,6 +402,9 @@ class FastSAM3DWidget(Container):
 
     def add_point(self, voxel, positive: bool = True) -> None:
         """Add a point at voxel (i, j, k) of the image and re-segment in the background."""
+        if self._volume is None or self.prompts_layer is None:
+            show_info("FastSAM3D: choose an image and press Start first")
+            return
         try:
             geometry.check_inside(voxel, self._volume.array.shape, "the click")
         except FastSAM3DError as err:
@@ -461,27 +464,25 @@ class FastSAM3DWidget(Container):
         self._submit(partial(self._save, self._autosave_path, self._edit_seq), self._on_saved)
 
     # ------------------------------------------------------------------ plumbing
-    def _submit(self, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
-        self._worker.submit(fn, partial(self._finish, done))
+    def _submit(
+        self, fn: Callable[[], Any], done: Callable[[Any], None], resync: bool = True
+    ) -> None:
+        self._worker.submit(fn, partial(self._finish, done, resync))
 
-    def _finish(self, done: Callable[[Any], None], result: Any) -> None:
-        """Main thread: route errors to notifications, results to ``done``."""
-        if isinstance(result, FastSAM3DError):
-            self._status.value = "error (see notification)"
-            show_error(f"FastSAM3D: {result}")
-            self._resync()
-        elif isinstance(result, Exception):
-            log.error("FastSAM3D worker error", exc_info=result)
-            self._status.value = "error (see notification)"
-            show_error(f"FastSAM3D: unexpected error: {type(result).__name__}: {result}")
-            self._resync()
-        else:
+    def _finish(self, done: Callable[[Any], None], resync: bool, result: Any) -> None:
+        """Main thread: route errors to notifications (then redraw the prompts from the
+        session, dropping a pending point), results to ``done``."""
+        if not isinstance(result, Exception):
             done(result)
-
-    def _resync(self) -> None:
-        """After a failed job, redraw prompts from the session (drops a pending point)."""
-        if self._session_key is not None:
-            self._worker.submit(lambda: self._snapshot(None), self._show)
+            return
+        self._status.value = "error (see notification)"
+        if isinstance(result, FastSAM3DError):
+            show_error(f"FastSAM3D: {result}")
+        else:
+            log.error("FastSAM3D worker error", exc_info=result)
+            show_error(f"FastSAM3D: unexpected error: {type(result).__name__}: {result}")
+        if resync:
+            self._submit(lambda: self._snapshot(None), self._show, resync=False)
 
     def _edit(
         self,
@@ -505,8 +506,11 @@ class FastSAM3DWidget(Container):
         return self._snapshot(op(self._session))
 
     def _snapshot(self, edit: Edit | None) -> _Result:
-        """Worker: the session's prompts as voxel points, positive flags and object ids."""
+        """Worker: the session's prompts as voxel points, positive flags and object ids
+        (none before a session exists)."""
         s = self._session
+        if s is None:
+            return _Result(edit)
         ras, positive, ids = [], [], []
         for oid in s.objects:
             for point, pos in s.clicks(oid):
