@@ -335,3 +335,20 @@ def test_client_new_volume_ends_previous_session(server, volume):
         assert httpx.get(f"{server}/v1/sessions/{first}").status_code == 404
         assert remote.label_map.shape == (20, 48, 40)
     assert httpx.get(f"{server}/v1/sessions/{second}").status_code == 404
+
+
+def test_client_and_slicer_logic_import_without_torch():
+    """RemoteSession and the Slicer logic must run in a Python without torch (3D Slicer's)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    logic_dir = Path(__file__).resolve().parents[1] / "slicer_extension" / "FastSAM3D"
+    code = (
+        "import sys; sys.modules['torch'] = None; "  # any torch import now fails
+        f"sys.path.insert(0, {str(logic_dir)!r}); "
+        "import fastsam3d.client, FastSAM3DLib.logic; "
+        "heavy = {'torch', 'monai', 'fastapi', 'nibabel', 'SimpleITK'} & set(sys.modules); "
+        "assert not [m for m in heavy if sys.modules[m] is not None], heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
