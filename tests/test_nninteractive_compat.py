@@ -158,3 +158,39 @@ def test_scribble_and_lasso_sampling():
     spread = sorted(p[0] for p in sample_clicks(stroke))
     assert spread[0] <= 8 and spread[-1] >= 31  # spread along the stroke
     assert sample_clicks(np.zeros((4, 4, 4), bool)) == []
+
+
+@pytest.mark.slow
+def test_box_without_box_model_is_clicks_and_undoes_as_one():
+    """On a model trained without boxes a box becomes clicks (centre + negatives outside); one
+    undo reverts them all. (In process: the same app as `fastsam3d serve` builds.)"""
+    import json
+
+    import torch
+    from fastapi.testclient import TestClient
+    from server_utils import SMALL
+
+    from fastsam3d.registry import build_model
+    from fastsam3d.server.app import create_app
+
+    torch.manual_seed(0)
+    # The released architecture (no box prompts); its sin/cos/sin PE needs sizes divisible by 6.
+    model = build_model("fastsam3d", **{**SMALL, "out_chans": 96, "prompt_embed_dim": 96})
+    image = make_volume().array[None]
+    with TestClient(create_app(model, device="cpu", nninteractive_compat=True)) as client:
+        headers = {"X-Lease-Token": client.post("/claim").json()["lease_token"]}
+        meta = {"X-Meta": json.dumps({"image_properties": {"spacing": SPACING}})}
+        resp = client.post("/set_image", headers={**headers, **meta}, content=encode_array(image))
+        assert resp.status_code == 200, resp.text
+        box = {"bbox_coords": [[15, 40], [12, 36], [18, 19]], "include_interaction": True}
+        resp = client.post("/add_bbox_interaction", headers=headers, json=box)
+        assert resp.status_code == 200, resp.text
+        assert json.loads(resp.headers["X-Meta"])["ran_prediction"]
+        undo = client.post("/undo", headers=headers)
+        bbox = json.loads(undo.headers["X-Meta"])["bbox"]
+        diff = decode_array(undo.content, 10**7)
+        assert diff.shape == tuple(b - a for a, b in bbox) and not diff.any()
+        assert json.loads(client.post("/undo", headers=headers).headers["X-Meta"]) == {
+            "ran_prediction": False,
+            "bbox": None,
+        }
