@@ -24,9 +24,26 @@ def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list
     if not paths:
         return None
     for p in map(Path, paths):
-        if not (p.is_dir() or suffix_of(p) in FORMATS):
+        if not (_looks_like_dicom_folder(p) if p.is_dir() else suffix_of(p) in FORMATS):
             return None
     return read
+
+
+def _looks_like_dicom_folder(folder: Path, probe: int = 64) -> bool:
+    """True if one of the folder's first ``probe`` files is DICOM (.dcm, or the "DICM" tag at
+    byte 128), so that other folders stay with the readers that handle them."""
+    for n, entry in enumerate(sorted(folder.iterdir())):
+        if n >= probe:
+            break
+        if not entry.is_file():
+            continue
+        if entry.suffix.lower() == ".dcm":
+            return True
+        with open(entry, "rb") as f:
+            f.seek(128)
+            if f.read(4) == b"DICM":
+                return True
+    return False
 
 
 def read(path: str | list[str]) -> list:

@@ -11,6 +11,7 @@ from napari.utils.notifications import notification_manager
 from fastsam3d.io import load_volume
 from fastsam3d.sample_data import load_sample, sample_path
 from napari_plugin._layers import META_KEY, layer_affine, volume_from_layer
+from napari_plugin._reader import napari_get_reader
 
 
 def test_sample_opens_in_world_coordinates(make_napari_viewer):
@@ -102,3 +103,16 @@ def test_widget_from_the_plugins_menu(make_napari_viewer, qtbot, session_factory
     qtbot.waitUntil(lambda: widget._worker.pending == 0, timeout=60_000)
     assert viewer.layers["sample CT FastSAM3D"].data.any()
     widget._worker.stop()
+
+
+def test_reader_claims_volumes_and_dicom_folders_only(tmp_path, oblique_nifti):
+    dicom = tmp_path / "series"
+    dicom.mkdir()
+    (dicom / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("hello")
+    assert napari_get_reader(str(oblique_nifti)) is not None
+    assert napari_get_reader(str(dicom)) is not None
+    assert napari_get_reader(str(other)) is None
+    assert napari_get_reader(str(tmp_path / "picture.png")) is None
