@@ -174,6 +174,7 @@ class FastSAM3DWidget(Container):
         self.prompts_layer = None
         self._autosave_path: Path | None = None
         self._edit_seq = 0
+        self._generation = 0  # bumped by start(): results of earlier starts are dropped
         self._first_click = True
         self.last_click_seconds: float | None = None
         self.last_model_seconds: float | None = None
@@ -296,6 +297,7 @@ class FastSAM3DWidget(Container):
             show_error(str(err))
             return
         device = str(self._device.value)
+        self._generation += 1
         self._detach_prompts()
         self._image, self._volume = layer, volume
         affine = layer_affine(layer)
@@ -467,13 +469,17 @@ class FastSAM3DWidget(Container):
     def _submit(
         self, fn: Callable[[], Any], done: Callable[[Any], None], resync: bool = True
     ) -> None:
-        self._worker.submit(fn, partial(self._finish, done, resync))
+        self._worker.submit(fn, partial(self._finish, done, resync, self._generation))
 
-    def _finish(self, done: Callable[[Any], None], resync: bool, result: Any) -> None:
+    def _finish(
+        self, done: Callable[[Any], None], resync: bool, generation: int, result: Any
+    ) -> None:
         """Main thread: route errors to notifications (then redraw the prompts from the
-        session, dropping a pending point), results to ``done``."""
+        session, dropping a pending point), results to ``done`` unless a later Start made
+        them stale (they belong to other layers)."""
         if not isinstance(result, Exception):
-            done(result)
+            if generation == self._generation:
+                done(result)
             return
         self._status.value = "error (see notification)"
         if isinstance(result, FastSAM3DError):

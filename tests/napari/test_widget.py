@@ -236,3 +236,17 @@ def test_bad_checkpoint_is_a_notification(make_napari_viewer, qtbot, oblique_nif
     assert any("model.pth" in m for m in messages), messages
     assert any("no model is loaded" in m for m in messages), messages
     widget._worker.stop()
+
+
+def test_restart_while_busy_drops_stale_results(started, qtbot, make_session):
+    _viewer, _image, widget = started
+    widget.add_point((30, 28, 20))
+    widget.start()  # before the click's result is back: it must not land in the new layers
+    _idle(qtbot, widget)
+    assert not widget.labels_layer.data.any() and len(widget.prompts_layer.data) == 0
+    widget.add_point((30, 28, 20))
+    _idle(qtbot, widget)
+    reference = make_session()
+    reference.set_volume(widget._volume)
+    reference.add_point((30, 28, 20))
+    np.testing.assert_array_equal(widget.labels_layer.data, reference.label_map)
