@@ -90,6 +90,7 @@ class Predictor:
         self._encode = self._encode_eager
         self._click = self._click_eager
         self._graphs: dict[tuple, CudaGraph] = {}
+        self._pool = None
         if compile == "inductor":
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._encode = torch.compile(self._encode_eager, mode=mode, dynamic=False)
@@ -135,12 +136,18 @@ class Predictor:
 
     def _run(self, name: str, fn, args: tuple, key: tuple):
         """``fn(*args)``, through a CUDA graph keyed by ``key`` when ``compile="cudagraphs"``."""
+        if self.compile == "inductor" and self.device.type == "cuda":
+            # reduce-overhead replays CUDA graphs whose outputs the next replay overwrites
+            torch.compiler.cudagraph_mark_step_begin()
+            return _map_tensors(fn(*args), torch.clone)
         if self.compile != "cudagraphs":
             return fn(*args)
         graph = self._graphs.get((name, *key))
         if graph is None:
             try:
-                graph = CudaGraph(fn, args)
+                if self._pool is None:  # one memory pool for this predictor's graphs
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = CudaGraph(fn, args, self._pool)
             except RuntimeError as err:  # capture unsupported here: stay eager, say so once
                 warnings.warn(f"CUDA graph capture failed ({err}); running eagerly", stacklevel=3)
                 self.compile = None
@@ -217,7 +224,8 @@ class Predictor:
         )
         masks = None if mask_input is None else mask_input.to(dev, torch.float32)
         if self._dense_pe is None:  # constant: computed once, not per click
-            self._dense_pe = self.model.prompt_encoder.get_dense_pe()
+            with self._autocast():
+                self._dense_pe = self.model.prompt_encoder.get_dense_pe()
         key = (
             None if pts is None else pts[0].shape[1],
             boxes is not None,
@@ -233,13 +241,12 @@ class CudaGraph:
     """One CUDA graph of ``fn(*args)``: static copies of the tensor inputs, outputs cloned out.
 
     ``args`` may nest tensors in tuples and hold plain Python values (part of the graph key).
-    Every graph shares one memory pool: replays run one after another on one stream and their
-    outputs are cloned before the next replay, so they never overwrite each other's results.
+    Graphs given the same ``pool`` (from ``torch.cuda.graph_pool_handle()``) share memory; that
+    is safe when they replay one after another on one stream and their outputs are cloned
+    before the next replay, as here.
     """
 
-    _pool = None
-
-    def __init__(self, fn, args: tuple):
+    def __init__(self, fn, args: tuple, pool: tuple | None = None):
         self.static_args = _map_tensors(args, torch.clone)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -247,10 +254,8 @@ class CudaGraph:
             for _ in range(2):  # warm-up: cuBLAS/cuDNN handles and autotuning outside capture
                 fn(*self.static_args)
         torch.cuda.current_stream().wait_stream(stream)
-        if CudaGraph._pool is None:
-            CudaGraph._pool = torch.cuda.graph_pool_handle()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=CudaGraph._pool):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.static_out = fn(*self.static_args)
 
     def __call__(self, args: tuple):

@@ -1,0 +1,501 @@
+"""Latency, throughput, memory and accuracy of the model paths (``fastsam3d bench``).
+
+Torch and numpy only (runs on a bare GPU machine). Every figure of a variant is printed beside
+the same figure of a plain eager float32 run of the same model in the same process, as a ratio,
+so machine noise cancels. Output: one JSON object per line (``"kind"`` says what it is), then a
+readable table.
+
+Timing: warm-up, then the median and p90 of ``repeats`` runs; CUDA events around each run on a
+GPU, ``perf_counter`` on the CPU. A click is timed from prompt tensors on the host to the 128^3
+boolean mask on the device (prompt encoder + mask decoder + trilinear upsampling + threshold);
+the first click adds the image encoder on a crop already on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastsam3d.predictor import Predictor
+
+LOW_RES = 32
+
+
+def environment(device: torch.device) -> dict:
+    """Versions and hardware, recorded with every run."""
+    env = {
+        "kind": "env",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, cuda=torch.version.cuda, sm_count=props.multi_processor_count)
+        try:
+            import subprocess
+
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+        except OSError:
+            env["driver"] = None
+    return env
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> dict:
+    """Median and p90 wall time of ``fn()`` in ms (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p90_ms": times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
+        "n": repeats,
+    }
+
+
+def synthetic_crop(size: int = 128, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """A normalised CT-like crop (1, 1, size^3): soft-tissue body, bright ellipsoids, noise.
+
+    Returns the crop and the crop-voxel centre of the ellipsoid the benchmark clicks on.
+    """
+    rng = np.random.default_rng(seed)
+    ax = np.arange(size, dtype=np.float32) - size / 2
+    a, b, c = np.meshgrid(ax, ax, ax, indexing="ij")
+    vol = np.where(a**2 / 0.2 + b**2 / 0.16 <= size**2, 100.0, 0.0).astype(np.float32)
+    centres = [(-20, 8, 0), (18, -12, 10), (4, 24, -16)]
+    for k, (x, y, z) in enumerate(centres):
+        r = np.array([16, 12, 20]) * (1 + 0.2 * k)
+        vol[((a - x) / r[0]) ** 2 + ((b - y) / r[1]) ** 2 + ((c - z) / r[2]) ** 2 <= 1] = (
+            180 + 60 * k
+        )
+    vol += rng.normal(0, 8, vol.shape).astype(np.float32)
+    vol = np.clip(vol, 0, None)
+    fg = vol > 0
+    vol = (vol - vol[fg].mean()) / vol[fg].std(ddof=1)
+    click = np.asarray(centres[0], dtype=np.float32) + size / 2
+    return torch.from_numpy(vol)[None, None], click
+
+
+def dice(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Dice of two boolean masks (1.0 when both are empty)."""
+    inter = (a & b).sum().item()
+    total = a.sum().item() + b.sum().item()
+    return 1.0 if total == 0 else 2 * inter / total
+
+
+@dataclass
+class Variant:
+    """A way of running the model: predictor options under a short name."""
+
+    name: str
+    dtype: str = "fp32"
+    compile: str | None = None
+    quantize: str | None = None
+    bf16_weights: bool = False  # cast the model itself to bfloat16 (no per-call weight casts)
+    cudnn_benchmark: bool = False  # let cuDNN time its algorithms per shape
+
+
+def default_variants(device: torch.device) -> list[Variant]:
+    """fp32 eager first (the baseline), then the paths worth measuring on ``device``."""
+    if device.type == "cuda":
+        return [
+            Variant("fp32-eager"),
+            Variant("bf16-eager", dtype="bf16"),
+            Variant("fp32-graphs", compile="cudagraphs"),
+            Variant("bf16-graphs", dtype="bf16", compile="cudagraphs"),
+            Variant("bf16w-graphs", dtype="bf16", compile="cudagraphs", bf16_weights=True),
+            Variant("bf16-graphs-cudnnb", dtype="bf16", compile="cudagraphs", cudnn_benchmark=True),
+        ]
+    return [Variant("fp32-eager"), Variant("int8-eager", quantize="int8")]
+
+
+class ClickRunner:
+    """First and refinement clicks of one predictor on one crop, ending in a 128^3 mask."""
+
+    def __init__(self, predictor: Predictor, crop: torch.Tensor, click: np.ndarray):
+        self.p = predictor
+        self.crop = crop.to(predictor.device)
+        size = crop.shape[-1]
+        self.first_pts = torch.tensor(click[None], dtype=torch.float32)
+        self.first_lbl = torch.tensor([1])
+        self.ref_pts = torch.tensor(np.stack([click, click + [10, 0, 0]]), dtype=torch.float32)
+        self.ref_lbl = torch.tensor([1, 0])
+        self.zeros = torch.zeros(1, 1, size // 4, size // 4, size // 4, device=predictor.device)
+        self.size = size
+        self.prev = self.zeros
+
+    def _mask(self, low_res: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(
+            low_res[:, :1], size=(self.size,) * 3, mode="trilinear", align_corners=False
+        )
+        return up[0, 0] > 0
+
+    @torch.inference_mode()
+    def encoder(self) -> None:
+        self.p.set_image(self.crop)
+
+    @torch.inference_mode()
+    def first(self) -> torch.Tensor:
+        self.p.set_image(self.crop)
+        low, _ = self.p.predict(self.first_pts, self.first_lbl, mask_input=self.zeros)
+        self.prev = low
+        return self._mask(low)
+
+    @torch.inference_mode()
+    def refine(self) -> torch.Tensor:
+        low, _ = self.p.predict(self.ref_pts, self.ref_lbl, mask_input=self.prev)
+        return self._mask(low)
+
+
+def _peak_bytes(device: torch.device, fn: Callable[[], object]) -> int:
+    """Peak device memory of ``fn()`` (CUDA) or the process's peak RSS so far (CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_clicks(
+    model_factory: Callable[[], torch.nn.Module],
+    device: torch.device,
+    variants: Iterable[Variant],
+    repeats: int = 50,
+    arch: str = "",
+) -> list[dict]:
+    """Encoder, first click, refinement click, peak memory and Dice for each variant.
+
+    The first variant is the baseline: every other variant's figures get ``*_ratio`` =
+    baseline / variant (> 1 is faster) and the Dice of its masks against the baseline's.
+    """
+    crop, click = synthetic_crop()
+    rows: list[dict] = []
+    base: dict | None = None
+    ref_masks: tuple[torch.Tensor, torch.Tensor] | None = None
+    for v in variants:
+        model = model_factory()
+        if v.bf16_weights:
+            model = model.to(torch.bfloat16)
+        torch.backends.cudnn.benchmark = v.cudnn_benchmark
+        t0 = time.perf_counter()
+        try:
+            pred = Predictor(model, device, dtype=v.dtype, compile=v.compile, quantize=v.quantize)
+            runner = ClickRunner(pred, crop, click)
+            first_mask, refine_mask = runner.first().clone(), runner.refine().clone()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except Exception as err:  # noqa: BLE001 - a path this machine cannot run is reported
+            rows.append({"kind": "clicks", "arch": arch, "variant": v.name, "error": repr(err)})
+            continue
+        row = {
+            "kind": "clicks",
+            "arch": arch,
+            "variant": v.name,
+            "device": str(device),
+            "setup_s": time.perf_counter() - t0,  # includes capture / compilation
+        }
+        for name, fn, n in (
+            ("encoder", runner.encoder, repeats),
+            ("first_click", runner.first, repeats),
+            ("refine_click", runner.refine, repeats * 2),
+        ):
+            stats = time_ms(fn, device, n)
+            row[f"{name}_ms"] = stats["median_ms"]
+            row[f"{name}_p90_ms"] = stats["p90_ms"]
+        row["peak_mem_bytes"] = _peak_bytes(device, runner.first)
+        if base is None:
+            base, ref_masks = row, (first_mask, refine_mask)
+            row["mask_voxels"] = int(first_mask.sum())
+        else:
+            for name in ("encoder", "first_click", "refine_click"):
+                row[f"{name}_ratio"] = base[f"{name}_ms"] / row[f"{name}_ms"]
+            row["dice_first"] = dice(first_mask, ref_masks[0])
+            row["dice_refine"] = dice(refine_mask, ref_masks[1])
+        rows.append(row)
+        del pred, runner, model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    torch.backends.cudnn.benchmark = False
+    return rows
+
+
+def bench_batch(
+    model_factory: Callable[[], torch.nn.Module],
+    device: torch.device,
+    batches: Iterable[int] = (1, 4, 8),
+    repeats: int = 30,
+    arch: str = "",
+) -> list[dict]:
+    """First-click throughput (volumes/s): B crops through encoder + decoder + upsampling.
+
+    Variants: fp32 eager (baseline), bf16 eager, bf16 in a CUDA graph (GPU only).
+    """
+    from fastsam3d.predictor import CudaGraph
+
+    model = model_factory().to(device).eval()
+    crop, click = synthetic_crop()
+    pe = model.prompt_encoder.get_dense_pe()
+    rows = []
+
+    def first_click(images: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, bf16: bool):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
+            emb = model.image_encoder(images)
+            masks = torch.zeros(images.shape[0], 1, LOW_RES, LOW_RES, LOW_RES, device=device)
+            sparse, dense = model.prompt_encoder((coords, labels), None, masks)
+            low, _ = model.mask_decoder(emb, pe, sparse, dense, False)
+        up = F.interpolate(low.float(), scale_factor=4, mode="trilinear", align_corners=False)
+        return up > 0
+
+    for b in batches:
+        images = crop.to(device).repeat(b, 1, 1, 1, 1)
+        coords = torch.tensor(click, device=device).reshape(1, 1, 3).repeat(b, 1, 1)
+        labels = torch.ones(b, 1, dtype=torch.int64, device=device)
+        base_ms = None
+        modes = [("fp32-eager", False, False), ("bf16-eager", True, False)]
+        if device.type == "cuda":
+            modes.append(("bf16-graphs", True, True))
+        for name, bf16, graphed in modes:
+            inputs = (images, coords, labels)
+            try:
+                with torch.inference_mode():
+                    if graphed:
+                        graph = CudaGraph(lambda i, c, lab: first_click(i, c, lab, True), inputs)
+                        fn = functools.partial(graph, inputs)
+                    else:
+                        fn = functools.partial(first_click, *inputs, bf16)
+                    stats = time_ms(fn, device, repeats)
+                    peak = _peak_bytes(device, fn)
+            except Exception as err:  # noqa: BLE001 - reported, the other rows still run
+                rows.append({"kind": "batch", "variant": name, "batch": b, "error": repr(err)})
+                continue
+            row = {
+                "kind": "batch",
+                "arch": arch,
+                "variant": name,
+                "batch": b,
+                "median_ms": stats["median_ms"],
+                "volumes_per_s": b / stats["median_ms"] * 1e3,
+                "peak_mem_bytes": peak,
+            }
+            if base_ms is None:
+                base_ms = stats["median_ms"]
+            else:
+                row["ratio"] = base_ms / stats["median_ms"]
+            rows.append(row)
+    return rows
+
+
+def bench_compile(
+    model_factory: Callable[[], torch.nn.Module],
+    device: torch.device,
+    repeats: int = 50,
+    arch: str = "",
+) -> list[dict]:
+    """``torch.compile`` (inductor; "reduce-overhead" on CUDA) against eager: cost and gain."""
+    return bench_clicks(
+        model_factory,
+        device,
+        [Variant("fp32-eager"), Variant("fp32-inductor", compile="inductor")],
+        repeats,
+        arch,
+    )
+
+
+def table(rows: list[dict]) -> str:
+    """A readable table of the click and batch rows."""
+    lines = []
+    clicks = [r for r in rows if r.get("kind") == "clicks"]
+    if clicks:
+        lines.append(
+            f"{'arch':18} {'variant':14} {'encoder ms':>11} {'first ms':>10} {'refine ms':>10} "
+            f"{'x enc':>6} {'x first':>7} {'x ref':>6} {'peak MiB':>9} {'dice':>6} {'setup s':>8}"
+        )
+        for r in clicks:
+            if "error" in r:
+                lines.append(f"{r['arch']:18} {r['variant']:14} error: {r['error'][:60]}")
+                continue
+            lines.append(
+                f"{r['arch']:18} {r['variant']:14} {r['encoder_ms']:11.2f} {r['first_click_ms']:10.2f} "
+                f"{r['refine_click_ms']:10.2f} {r.get('encoder_ratio', 1.0):6.2f} "
+                f"{r.get('first_click_ratio', 1.0):7.2f} {r.get('refine_click_ratio', 1.0):6.2f} "
+                f"{r['peak_mem_bytes'] / 2**20:9.0f} {min(r.get('dice_first', 1), r.get('dice_refine', 1)):6.3f} "
+                f"{r['setup_s']:8.1f}"
+            )
+    sparse = [r for r in rows if r.get("kind") == "sparse"]
+    if sparse:
+        lines.append(
+            f"\n{'pattern':16} {'size':>5} {'tokens':>7} {'encoder ms':>11} {'x dense':>8}"
+        )
+        for r in sparse:
+            lines.append(
+                f"{r['pattern']:16} {r['size']:5d} {r['tokens']:7d} {r['encoder_ms']:11.2f} "
+                f"{r['ratio']:8.2f}"
+            )
+    batch = [r for r in rows if r.get("kind") == "batch" and "error" not in r]
+    if batch:
+        lines.append(
+            f"\n{'arch':18} {'variant':14} {'batch':>5} {'ms':>9} {'vol/s':>9} {'x':>6} {'peak MiB':>9}"
+        )
+        for r in batch:
+            lines.append(
+                f"{r['arch']:18} {r['variant']:14} {r['batch']:5d} {r['median_ms']:9.2f} "
+                f"{r['volumes_per_s']:9.1f} {r.get('ratio', 1.0):6.2f} {r['peak_mem_bytes'] / 2**20:9.0f}"
+            )
+    return "\n".join(lines)
+
+
+def run_model_bench(
+    archs: Iterable[str] = ("fastsam3d_dilated",),
+    device: str = "auto",
+    repeats: int | None = None,
+    batch: bool | None = None,
+    compile: bool = False,
+    checkpoint: str | None = None,
+    emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True),
+) -> list[dict]:
+    """Run the model benchmark and emit each JSON row as it comes; returns all rows.
+
+    ``repeats`` defaults to 100 on a GPU and 7 on the CPU; ``batch`` (default: GPU only) adds
+    the throughput rows; ``compile`` adds torch.compile against eager (slow to compile).
+    """
+    from fastsam3d.predictor import resolve_device
+    from fastsam3d.registry import build_model
+
+    dev = resolve_device(device)
+    gpu = dev.type == "cuda"
+    repeats = repeats or (100 if gpu else 7)
+    rows = [environment(dev)]
+    emit(rows[0])
+    for arch in archs:
+
+        def factory(arch: str = arch) -> torch.nn.Module:
+            torch.manual_seed(0)
+            return build_model(arch, checkpoint=checkpoint) if checkpoint else build_model(arch)
+
+        name = arch if not checkpoint else f"{arch}:{os.path.basename(checkpoint)}"
+        parts = [bench_clicks(factory, dev, default_variants(dev), repeats, name)]
+        if batch if batch is not None else gpu:
+            parts.append(bench_batch(factory, dev, repeats=max(10, repeats // 3), arch=name))
+        if compile:
+            parts.append(bench_compile(factory, dev, repeats, name)[1:])
+        for part in parts:
+            for row in part:
+                emit(row)
+                rows.append(row)
+    return rows
+
+
+def bench_sparse(
+    device: str = "auto", sizes: Iterable[int] = (128, 192, 256), repeats: int | None = None
+) -> list[dict]:
+    """Image-encoder latency: dense (global) vs our dilated grid/block attention vs the
+    official sparse pattern, on crops of ``sizes``^3 (tokens grow 8x from 128^3 to 256^3).
+
+    The three encoders differ only in the attention pattern (same widths and depth, random
+    weights); ``ratio`` = dense time / this time (> 1: faster than dense).
+    """
+    from fastsam3d.predictor import resolve_device
+    from fastsam3d.registry import build_model
+
+    dev = resolve_device(device)
+    repeats = repeats or (50 if dev.type == "cuda" else 3)
+    patterns = {
+        "dense": ("fastsam3d_dilated", {"attention": "global"}),
+        "dilated": ("fastsam3d_dilated", {}),
+        "official_sparse": ("fastsam3d_sparse", {}),
+    }
+    rows = []
+    for size in sizes:
+        x = torch.randn(1, 1, size, size, size, device=dev)
+        dense_ms = None
+        for name, (arch, overrides) in patterns.items():
+            torch.manual_seed(0)
+            enc = build_model(arch, **overrides).image_encoder.to(dev).eval()
+            with torch.inference_mode():
+                stats = time_ms(functools.partial(enc, x), dev, repeats, warmup=2)
+                peak = _peak_bytes(dev, functools.partial(enc, x))
+            row = {
+                "kind": "sparse",
+                "pattern": name,
+                "size": size,
+                "tokens": (size // 16) ** 3,
+                "encoder_ms": stats["median_ms"],
+                "encoder_p90_ms": stats["p90_ms"],
+                "peak_mem_bytes": peak,
+            }
+            dense_ms = dense_ms or stats["median_ms"]
+            row["ratio"] = dense_ms / stats["median_ms"]
+            rows.append(row)
+            del enc
+    return rows
+
+
+def profile_clicks(arch: str = "fastsam3d_dilated", device: str = "auto", rows: int = 25) -> str:
+    """Kernel-time table (torch.profiler) of one eager fp32 and one bf16 first click +
+    refinement: where the device time goes, for benchmarks/NOTES.md."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastsam3d.predictor import resolve_device
+    from fastsam3d.registry import build_model
+
+    dev = resolve_device(device)
+    crop, click = synthetic_crop()
+    out = []
+    for dtype in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        runner = ClickRunner(Predictor(build_model(arch), dev, dtype=dtype), crop, click)
+        for _ in range(3):
+            runner.first(), runner.refine()
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if dev.type == "cuda" else []
+        )
+        with profile(activities=activities) as prof:
+            runner.first()
+            runner.refine()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        out.append(f"== {arch} {dtype} eager: first click + refinement ==")
+        out.append(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    return "\n".join(out)
