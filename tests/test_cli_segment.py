@@ -120,6 +120,7 @@ def test_sample_and_doctor(data, tmp_path: Path):
     assert any(c["check"] == "sample data" and c["ok"] for c in report["checks"])
 
 
+@pytest.mark.slow
 def test_dicom_folder_to_dicom_seg(data, dicom_series, tmp_path: Path):
     import pydicom
 
