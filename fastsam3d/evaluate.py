@@ -319,21 +319,34 @@ def pair_cases(images: str | Path, labels: str | Path) -> list[tuple[str, Path, 
     return [(name, imgs[name], labs[name]) for name in imgs]
 
 
-def summarize(rows: list[Row]) -> list[dict]:
-    """Mean Dice / NSD / seconds over cases and labels per protocol, method and step."""
+def summarize(rows: list[Row], per_label: bool = False) -> list[dict]:
+    """Mean Dice / NSD / seconds per protocol, method and step: over every case and label
+    (``label`` "all"), plus, with ``per_label``, over the cases of each label."""
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
-        groups.setdefault((r.protocol, r.method, r.step), []).append(r)
+        groups.setdefault(("all", r.protocol, r.method, r.step), []).append(r)
+        if per_label:
+            groups.setdefault((str(r.label), r.protocol, r.method, r.step), []).append(r)
     out = []
-    for (protocol, method, step), rs in sorted(groups.items()):
+    for (label, protocol, method, step), rs in groups.items():
         out.append({
-            "protocol": protocol, "method": method, "step": step, "clicks": rs[0].clicks,
-            "n": len(rs),
+            "label": label, "protocol": protocol, "method": method, "step": step,
+            "clicks": rs[0].clicks, "n": len(rs),
             "dice": float(np.mean([r.dice for r in rs])),
             "nsd": float(np.mean([r.nsd for r in rs])),
             "seconds": float(np.mean([r.seconds for r in rs])),
         })  # fmt: skip
-    return out
+    order = {"model": 0, "baseline": 1}
+    return sorted(
+        out,
+        key=lambda s: (
+            s["label"] != "all",
+            s["label"].zfill(6),
+            s["protocol"],
+            order[s["method"]],
+            s["step"],
+        ),
+    )
 
 
 def plot(rows: list[Row], path: Path, title: str = "") -> Path:
@@ -386,7 +399,8 @@ REPORT_FILES = ("results.csv", "summary.csv", "dice_vs_clicks.png")
 def write_report(
     rows: list[Row], report_dir: str | Path, overwrite: bool = False, title: str = ""
 ) -> dict[str, Path]:
-    """Write ``results.csv`` (every row), ``summary.csv`` (means) and ``dice_vs_clicks.png``."""
+    """Write ``results.csv`` (every row), ``summary.csv`` (means over all labels and per label)
+    and ``dice_vs_clicks.png``."""
     out = Path(report_dir)
     paths = {name: out / name for name in REPORT_FILES}
     if not overwrite:
@@ -401,7 +415,7 @@ def write_report(
         )
     out.mkdir(parents=True, exist_ok=True)
     _write_csv([asdict(r) for r in rows], paths["results.csv"], ROW_FIELDS)
-    summary = summarize(rows)
+    summary = summarize(rows, per_label=True)
     _write_csv(summary, paths["summary.csv"], summary[0].keys())
     plot(rows, paths["dice_vs_clicks.png"], title)
     return paths

@@ -74,8 +74,8 @@ def evaluate(
 ) -> None:
     """Dice and surface Dice per label and click (SPEC §10 clicks), beside a classical baseline.
 
-    Writes REPORT_DIR/results.csv (every case, label, method and click), summary.csv (means)
-    and dice_vs_clicks.png.
+    Writes into the -o folder: results.csv (every case, label, method and click), summary.csv
+    (means, overall and per label) and dice_vs_clicks.png.
     """
     from fastsam3d.cli.segment import SAMPLE, make_session
     from fastsam3d.evaluate import evaluate_case, pair_cases, summarize, write_report
@@ -119,7 +119,7 @@ def evaluate(
         paths = write_report(
             rows, report_dir, overwrite, title=f"{session.model_name}: Dice vs clicks"
         )
-        summary = summarize(rows)
+        summary = summarize(rows, per_label=True)
         if json_output:
             print_json({"summary": summary, "files": {k: str(v) for k, v in paths.items()},
                         "rows": [asdict(r) for r in rows]})  # fmt: skip
@@ -129,28 +129,28 @@ def evaluate(
 
 
 def _table(summary: list[dict], tolerance: float) -> Table:
-    """Model beside baseline at 1, 3, 5, 10 prompts (mean over cases and labels)."""
-    table = Table(title=f"Dice / NSD@{tolerance:g}mm (mean over labels)")
-    for col in (
-        "protocol",
-        "prompts",
-        "model Dice",
-        "baseline Dice",
-        "model NSD",
-        "baseline NSD",
-        "model s/click",
-    ):
-        table.add_column(col, justify="left" if col == "protocol" else "right")
-    index = {(s["protocol"], s["method"], s["step"]): s for s in summary}
+    """Model beside baseline at 1, 3, 5, 10 prompts (and the last), overall and per label."""
+    table = Table(title=f"Dice / NSD@{tolerance:g}mm (mean over cases)")
+    columns = ("label", "protocol", "prompts", "model Dice", "baseline Dice", "model NSD",
+               "baseline NSD", "model s/click")  # fmt: skip
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("label", "protocol") else "right")
+    index = {(s["label"], s["protocol"], s["method"], s["step"]): s for s in summary}
     steps = sorted({s["step"] for s in summary})
-    for protocol in sorted({s["protocol"] for s in summary}):
-        for step in [s for s in steps if s in REPORT_STEPS or s == steps[-1]]:
-            m = index.get((protocol, "model", step))
-            b = index.get((protocol, "baseline", step))
+    shown = [s for s in steps if s in REPORT_STEPS or s == steps[-1]]
+    keys = dict.fromkeys((s["label"], s["protocol"]) for s in summary)  # summary order
+    for label, protocol in keys:
+        if label != "all" and len({k[0] for k in keys}) == 2:
+            continue  # one label: its rows equal the "all" rows
+        for step in shown:
+            m = index.get((label, protocol, "model", step))
+            b = index.get((label, protocol, "baseline", step))
             if m is None:
                 continue
             table.add_row(
-                protocol, str(step), f"{m['dice']:.3f}", f"{b['dice']:.3f}" if b else "-",
+                label, protocol, str(step), f"{m['dice']:.3f}", f"{b['dice']:.3f}" if b else "-",
                 f"{m['nsd']:.3f}", f"{b['nsd']:.3f}" if b else "-", f"{m['seconds']:.2f}",
             )  # fmt: skip
+        if label == "all":
+            table.add_section()
     return table
