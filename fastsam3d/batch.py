@@ -86,7 +86,8 @@ class CasePrompts:
             except FastSAM3DError as err:
                 xyz = ", ".join(f"{v:g}" for v in p.xyz)
                 raise PromptError(
-                    f"click {n} of {len(self.points)} ({xyz} {p.coords}, object {p.object_id}): {err}"
+                    f"click {n} of {len(self.points)} ({xyz} {p.coords}, "
+                    f"object {p.object_id}): {err}"
                 ) from None
 
 
@@ -215,7 +216,8 @@ def _read_csv(path: Path, text: str, coords: str) -> dict[str, CasePrompts]:
     missing = [c for c in ("case", "x", "y", "z") if c not in header]
     if missing:
         raise PromptError(
-            f"{path}: missing column {missing[0]!r} (columns: case,x,y,z[,positive,object_id,coords])"
+            f"{path}: missing column {missing[0]!r} "
+            "(columns: case,x,y,z[,positive,object_id,coords])"
         )
     cases: dict[str, CasePrompts] = {}
     for line, row in enumerate(rows, 2):
@@ -386,7 +388,8 @@ def check_outputs(plan: list[Case], overwrite: bool, resume: bool) -> None:
         from fastsam3d.errors import OutputExistsError
 
         raise OutputExistsError(
-            f"{existing[0]} already exists{more}; pass --overwrite to replace or --resume to skip finished cases"
+            f"{existing[0]} already exists{more}; pass --overwrite to replace or --resume "
+            "to skip finished cases"
         )
 
 

@@ -85,7 +85,7 @@ def dice_nsd(
     pred: np.ndarray, gt: np.ndarray, spacing_mm: np.ndarray, tolerance_mm: float
 ) -> tuple[float, float]:
     """Dice and NSD (MONAI) of two bool masks on a grid with ``spacing_mm``; computed inside
-    the bounding box of their union (plus a margin of the tolerance), which gives the same values."""
+    the bounding box of their union (plus a margin of the tolerance): the same values, faster."""
     from monai.metrics import compute_dice, compute_surface_dice
 
     union = pred | gt
@@ -230,7 +230,8 @@ def evaluate_case(
     label = np.asarray(label)
     if label.shape != volume.array.shape:
         raise VolumeError(
-            f"{case or 'labels'}: label shape {label.shape} does not match the image {volume.array.shape}"
+            f"{case or 'labels'}: label shape {label.shape} does not match the image "
+            f"{volume.array.shape}"
         )
     ids = (
         sorted(int(v) for v in np.unique(label) if v != 0) if label_ids is None else list(label_ids)

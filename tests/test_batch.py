@@ -143,7 +143,7 @@ def test_run_batch_failure_resume_and_summary(tmp_path: Path):
     csv_path, json_path = write_summary(results, out)
     summary = json.loads(json_path.read_text())
     assert summary["failed"] == 1 and csv_path.read_text().startswith("case,status,objects")
-    # existing outputs: refused up front, unless resume (finished cases keep their rows) or overwrite
+    # existing outputs: refused up front, unless resume (finished cases keep their rows)
     with pytest.raises(OutputExistsError, match="--resume"):
         check_outputs(plan, overwrite=False, resume=False)
     mtime = (out / "a.nii.gz").stat().st_mtime_ns

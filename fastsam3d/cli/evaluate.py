@@ -69,8 +69,8 @@ def evaluate(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
 ) -> None:
     """Dice and surface Dice per label and click (SPEC §10 clicks), beside a classical baseline.
 

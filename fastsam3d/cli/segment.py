@@ -84,7 +84,7 @@ def segment(
         typer.Option(
             "--point",
             "-p",
-            help="Click X,Y,Z[:neg][:OBJECT], repeatable; applied in order as successive clicks.",
+            help="Click X,Y,Z[:pos|:neg][:OBJECT_ID]; repeat for successive clicks.",
         ),
     ] = None,
     prompts: Annotated[
