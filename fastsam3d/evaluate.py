@@ -352,8 +352,12 @@ def summarize(rows: list[Row], per_label: bool = False) -> list[dict]:
 
 def plot(rows: list[Row], path: Path, title: str = "") -> Path:
     """PNG of mean Dice against the number of prompts, model beside baseline (atomic write)."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise FastSAM3DError(
+            "the Dice plot needs matplotlib: pip install 'fastsam3d[report]'"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator

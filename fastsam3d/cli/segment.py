@@ -32,7 +32,7 @@ from fastsam3d.cli._common import (
     setup_logging,
     user_errors,
 )
-from fastsam3d.errors import OutputExistsError, PromptError
+from fastsam3d.errors import FastSAM3DError, OutputExistsError, PromptError
 
 if TYPE_CHECKING:
     from fastsam3d.batch import Case, CasePrompts, CaseResult
@@ -226,7 +226,12 @@ def _run_batch(
             session, plan, overwrite=overwrite, resume=resume, on_start=on_start
         )
     else:
-        from fastsam3d.distributed import run_batch_dask
+        try:
+            from fastsam3d.distributed import run_batch_dask
+        except ImportError:
+            raise FastSAM3DError(
+                "--dask needs dask.distributed: pip install 'fastsam3d[dask]'"
+            ) from None
 
         results_iter = run_batch_dask(
             plan, model, device, dask, overwrite=overwrite, resume=resume, workers=workers
