@@ -11,13 +11,15 @@ so the writer can save labels on the source image's exact grid.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fastsam3d.errors import PromptError, VolumeError
 from fastsam3d.geometry import apply_affine
-from fastsam3d.io.read import Volume
+from fastsam3d.io.read import Volume, suffix_of
 
 META_KEY = "fastsam3d"
 
@@ -40,7 +42,7 @@ def image_layer_data(volume: Volume, name: str | None = None) -> tuple:
     if hi <= lo:
         hi = lo + 1.0
     kwargs = {
-        "name": name or _stem(volume.source) or "volume",
+        "name": name or (file_stem(volume.source) if volume.source else "volume"),
         "affine": np.asarray(volume.affine, dtype=np.float64),
         "metadata": geometry_metadata(volume),
         "colormap": "gray",
@@ -97,14 +99,11 @@ def volume_from_layer(layer) -> Volume:
     )
 
 
-def _stem(source: str | None) -> str | None:
-    if not source:
-        return None
-    name = str(source).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+def file_stem(path: str | os.PathLike) -> str:
+    """File or folder name without its volume suffix (``ct.nii.gz`` -> ``ct``)."""
+    name = Path(path).name
+    suffix = suffix_of(name)
+    return name[: -len(suffix)] if suffix else name
 
 
 def pick_voxel(

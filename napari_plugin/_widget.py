@@ -51,7 +51,13 @@ from fastsam3d.errors import FastSAM3DError
 from fastsam3d.io.read import Volume, suffix_of
 from fastsam3d.io.write import save_mask
 from fastsam3d.session import Edit, Session
-from napari_plugin._layers import geometry_metadata, layer_affine, pick_voxel, volume_from_layer
+from napari_plugin._layers import (
+    file_stem,
+    geometry_metadata,
+    layer_affine,
+    pick_voxel,
+    volume_from_layer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +303,11 @@ class FastSAM3DWidget(Container):
             show_error(str(err))
             return
         device = str(self._device.value)
+        if self._autosave_path is not None and self._volume is not None:
+            # the previous image's last state, even if an edit of the new one comes first
+            self._submit(
+                partial(self._save, self._autosave_path, None, self._volume), self._on_saved
+            )
         self._generation += 1
         self._detach_prompts()
         self._image, self._volume = layer, volume
@@ -463,7 +474,9 @@ class FastSAM3DWidget(Container):
             return
         if self._autosave_path is None:
             self._autosave_path = self._choose_autosave_path(self._volume)
-        self._submit(partial(self._save, self._autosave_path, self._edit_seq), self._on_saved)
+        self._submit(
+            partial(self._save, self._autosave_path, self._edit_seq, self._volume), self._on_saved
+        )
 
     # ------------------------------------------------------------------ plumbing
     def _submit(
@@ -503,7 +516,9 @@ class FastSAM3DWidget(Container):
         seq = self._edit_seq
         self._submit(partial(self._run, op), partial(self._on_edit, t0=t0, empty=empty))
         if self._autosave_path is not None:
-            self._submit(partial(self._save, self._autosave_path, seq), self._on_saved)
+            self._submit(
+                partial(self._save, self._autosave_path, seq, self._volume), self._on_saved
+            )
 
     def _run(self, op: Callable[[Session], Edit | None]) -> _Result:
         """Worker: apply ``op`` to the session and snapshot what the main thread draws."""
@@ -593,16 +608,17 @@ class FastSAM3DWidget(Container):
             folder = source.parent if source is not None else None
             if folder is None or _is_package_path(folder) or not os.access(folder, os.W_OK):
                 folder = Path.home() / "fastsam3d"
-            stem = _stem(source) if source is not None else "volume"
+            stem = file_stem(source) if source is not None else "volume"
             base = folder / f"{stem}_fastsam3d.nii.gz"
         return _fresh(base)
 
-    def _save(self, path: Path, seq: int) -> Path | None:
-        """Worker: write labels + prompt log unless a later edit is queued (it saves then)."""
-        if seq < self._edit_seq or self._session is None:
+    def _save(self, path: Path, seq: int | None, volume: Volume) -> Path | None:
+        """Worker: write labels + prompt log, unless a later edit is queued (it saves then;
+        ``seq=None`` saves regardless)."""
+        if (seq is not None and seq < self._edit_seq) or self._session is None:
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_mask(self._session.label_map, self._volume, path, overwrite=True)
+        save_mask(self._session.label_map, volume, path, overwrite=True)
         self._session.log.save(_log_path(path))
         return path
 
@@ -615,19 +631,14 @@ def _new_object(session: Session) -> None:
     session.new_object()
 
 
-def _stem(path: Path) -> str:
-    suffix = suffix_of(path)
-    return path.name[: -len(suffix)] if suffix else path.name
-
-
 def _log_path(labels_path: Path) -> Path:
-    return labels_path.with_name(_stem(labels_path) + ".prompts.json")
+    return labels_path.with_name(file_stem(labels_path) + ".prompts.json")
 
 
 def _fresh(path: Path) -> Path:
     """``path``, or ``name_2``, ``name_3``... so that neither it nor its log exists yet."""
     suffix = suffix_of(path) or ".nii.gz"
-    stem = _stem(path)
+    stem = file_stem(path)
     n = 1
     candidate = path
     while candidate.exists() or _log_path(candidate).exists():
