@@ -131,7 +131,10 @@ def test_undo_redo_and_two_objects(started, qtbot):
     _viewer, _image, widget = started
     labels = widget.labels_layer
     widget.add_point((30, 28, 20))
+    # the first click shows progress while the embedding is computed
+    assert widget._progress.visible and "embedding" in widget._status.value
     _idle(qtbot, widget)
+    assert not widget._progress.visible and "s per click" in widget._status.value
     first = labels.data.copy()
     assert set(np.unique(first)) == {0, 1}
     widget.undo()
