@@ -30,10 +30,10 @@ class SyntheticConfig:
     size: int = 128
     structures: int = 9  # slots per volume; each is present with probability ``presence``
     presence: float = 0.85
-    tube_fraction: float = 0.25
+    tube_fraction: float = 0.15
     min_radius: float = 2.5
     max_radius: float = 80.0
-    min_target_voxels: int = 40
+    min_target_voxels: int = 300
     deform_voxels: float = 8.0  # max amplitude of the smooth coordinate deformation
     tube_samples: int = 12
 

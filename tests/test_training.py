@@ -1,0 +1,189 @@
+"""Training on CPU with tiny models: synthetic data, click loop, resume, distillation, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastsam3d.registry import build_model
+from fastsam3d.training.distill import SCHEDULES, Distiller, layer_map, layer_weights
+from fastsam3d.training.loop import (
+    BatchSource,
+    LoopConfig,
+    click_loss,
+    jittered_boxes,
+    lr_factor,
+    run,
+)
+from fastsam3d.training.synthetic import SyntheticConfig, generate
+
+SIZE = 32
+TINY = {
+    "img_size": SIZE,
+    "embed_dim": 32,
+    "depth": 3,
+    "num_heads": 2,
+    "out_chans": 32,
+    "prompt_embed_dim": 32,
+    "decoder_mlp_dim": 64,
+    "iou_head_hidden_dim": 32,
+    "sparse_group": 2,
+    "mlp_only_blocks": 1,
+}
+SYN = SyntheticConfig(size=SIZE, structures=4, min_target_voxels=20)
+
+
+def _tiny(**extra: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("fastsam3d_dilated", **{**TINY, **extra})
+
+
+def _source(batch: int = 4, seed: int = 0) -> BatchSource:
+    return BatchSource(batch, torch.device("cpu"), seed=seed, synthetic=SYN)
+
+
+def test_synthetic_is_deterministic_under_a_seed() -> None:
+    a = generate(3, torch.Generator().manual_seed(7), SYN)
+    b = generate(3, torch.Generator().manual_seed(7), SYN)
+    c = generate(3, torch.Generator().manual_seed(8), SYN)
+    assert torch.equal(a.image, b.image) and torch.equal(a.labels, b.labels)
+    assert torch.equal(a.target, b.target)
+    assert not torch.equal(a.image, c.image)
+    assert a.image.shape == (3, 1, SIZE, SIZE, SIZE) and a.labels.dtype == torch.uint8
+    for i in range(3):  # the target is exactly one labelled structure, and it is present
+        assert torch.equal(a.target[i, 0], a.labels[i] == a.target_id[i])
+        assert a.target[i].sum() > 0
+    assert all(len(torch.unique(lab)) >= 3 for lab in a.labels)  # several structures
+
+
+def test_boxes_enclose_the_target_up_to_jitter() -> None:
+    target = torch.zeros(2, 1, SIZE, SIZE, SIZE, dtype=torch.bool)
+    target[0, 0, 4:10, 5:20, 8:9] = True
+    target[1, 0, 20:31, 0:3, 10:30] = True
+    boxes = jittered_boxes(target, torch.Generator().manual_seed(0))
+    assert boxes.shape == (2, 2, 3)
+    exact = torch.tensor([[[4, 5, 8], [9, 19, 8]], [[20, 0, 10], [30, 2, 29]]], dtype=torch.float)
+    extent = (exact[:, 1] - exact[:, 0]).clamp_min(1)
+    assert ((boxes - exact).abs() <= (0.1 * extent + 2)[:, None]).all()
+
+
+def test_lr_schedule_warms_up_and_decays() -> None:
+    assert lr_factor(0.0, 0.1, 0.05) < lr_factor(0.05, 0.1, 0.05) < lr_factor(0.1, 0.1, 0.05)
+    assert lr_factor(0.1, 0.1, 0.05) == pytest.approx(1.0)
+    assert lr_factor(1.0, 0.1, 0.05) == pytest.approx(0.05)
+
+
+class _OneBatch(BatchSource):
+    """A real BatchSource that serves the same synthetic batch every step (overfitting test)."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__(batch, torch.device("cpu"), seed=123, synthetic=SYN)
+        self.fixed = super().next()
+
+    def next(self):
+        return self.fixed
+
+
+@pytest.mark.slow
+def test_click_training_lowers_the_loss(tmp_path: Path) -> None:
+    model = _tiny()
+    source = _OneBatch(2)
+    held = source.fixed
+
+    def held_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            loss, _ = click_loss(model, held, torch.Generator().manual_seed(0), rounds=2)
+        model.train()
+        return loss.item()
+
+    before = held_loss()
+    gen = torch.Generator().manual_seed(1)
+    cfg = LoopConfig(steps=30, batch_size=2, lr=3e-3, save_every=100, log_every=100)
+    run(model, lambda b, p: click_loss(model, b, gen, 2, box_prob=0.3), source, cfg, tmp_path)
+    after = held_loss()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resumed_run_continues_from_its_step(tmp_path: Path) -> None:
+    model = _tiny()
+    gen = torch.Generator().manual_seed(1)
+
+    def objective(b, p):
+        return click_loss(model, b, gen, 2)
+
+    cfg = LoopConfig(steps=3, batch_size=2, save_every=1, log_every=100)
+    run(model, objective, _source(2), cfg, tmp_path)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = _tiny()  # a new process would start from new weights; resume must load them
+    gen2 = torch.Generator().manual_seed(1)
+    cfg.steps = 5
+    state = run(fresh, lambda b, p: click_loss(fresh, b, gen2, 2), _source(2), cfg, tmp_path)
+    assert state["step"] == 5
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert any(not torch.equal(saved[k], v) for k, v in fresh.state_dict().items())
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 5
+    reloaded = build_model(checkpoint=tmp_path / "model.safetensors")
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k])
+
+
+def test_layer_schedules() -> None:
+    assert layer_map(6, 12) == [1, 3, 5, 7, 9, 11]
+    assert layer_map(3, 3) == [0, 1, 2]
+    assert layer_weights("progressive", 0.0, 6) == [1, 0, 0, 0, 0, 0]
+    assert layer_weights("progressive", 0.59, 6) == [1] * 6
+    assert layer_weights("progressive", 0.7, 6) == [0] * 6
+    early, late = layer_weights("dynamic", 0.05, 6), layer_weights("dynamic", 0.8, 6)
+    assert early.index(max(early)) == 0 and late.index(max(late)) == 5
+    assert sum(early) == pytest.approx(1.0)
+    assert layer_weights("decoupled", 0.5, 6) == [0] * 6
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_distillation_lowers_the_feature_loss(schedule: str, tmp_path: Path) -> None:
+    teacher = _tiny(embed_dim=48, depth=4, out_chans=32)
+    student = _tiny(embed_dim=24, depth=2)
+    distiller = Distiller(student, teacher, schedule, rounds=2)
+    source = _OneBatch(2)
+    held = source.fixed
+    with torch.no_grad():  # the teacher's decoder is copied into the student when it fits
+        assert torch.equal(
+            student.mask_decoder.iou_token.weight, teacher.mask_decoder.iou_token.weight
+        )
+        before, _ = distiller.objective(held, 0.7 if schedule != "decoupled" else 0.0)
+    cfg = LoopConfig(steps=8, batch_size=2, lr=1e-3, save_every=100, log_every=100)
+    run(student, lambda b, p: distiller.objective(b, 0.7 if schedule != "decoupled" else p),
+        source, cfg, tmp_path, extra=distiller)  # fmt: skip
+    with torch.no_grad():
+        after, _ = distiller.objective(held, 0.7 if schedule != "decoupled" else 0.0)
+    assert after < before
+    if schedule != "decoupled":  # the end-to-end phase runs the click loop
+        loss, metrics = distiller.objective(held, 0.95)
+        assert "dice2" in metrics and torch.isfinite(loss)
+    assert (tmp_path / "extra.safetensors").exists()  # the width projections
+
+
+def test_cli_train_and_models(tmp_path: Path) -> None:
+    from fastsam3d.cli import app
+
+    runner = CliRunner()
+    sets = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), *sets, "--steps", "2", "--batch-size", "2", "--rounds", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").exists()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1 and "--resume" in again.output
+    resumed = runner.invoke(app, [*args[:-4], "--steps", "3", "--resume", "--rounds", "2"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "state.json").read_text())["step"] == 3
+    listing = runner.invoke(app, ["models"])
+    assert listing.exit_code == 0 and "fastsam3d_dilated" in listing.output
