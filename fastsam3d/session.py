@@ -116,10 +116,15 @@ class _SparseMask:
             new_lo, new_hi = np.asarray(lo), np.asarray(hi)
         merged = self.region(new_lo, new_hi)
         merged[tuple(slice(a - b, c - b) for a, b, c in zip(lo, new_lo, hi))] = values
-        nz = np.argwhere(merged)
-        if len(nz) == 0:
+        # bounding box from per-axis projections: argwhere listed every voxel (0.3 s on a
+        # 276 x 277 x 194 tile box on the 2-core CPU)
+        spans = [
+            np.flatnonzero(merged.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)
+        ]
+        if not len(spans[0]):
             return _SparseMask()
-        tlo, thi = nz.min(0), nz.max(0) + 1
+        tlo = np.array([sp[0] for sp in spans])
+        thi = np.array([sp[-1] + 1 for sp in spans])
         arr = merged[tuple(slice(a, b) for a, b in zip(tlo, thi))].copy()
         return _SparseMask(tuple(int(v) for v in tlo + new_lo), arr)
 
