@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -372,6 +373,27 @@ def table(rows: list[dict]) -> str:
                 f"{r['pattern']:16} {r['size']:5d} {r['tokens']:7d} {r['encoder_ms']:11.2f} "
                 f"{r['ratio']:8.2f}"
             )
+    pipe = [r for r in rows if r.get("kind") == "pipeline"]
+    if pipe:
+        lines.append(
+            f"\n{'pipeline':18} {'load ms':>8} {'set_vol':>8} {'first ms':>9} {'refine ms':>9} "
+            f"{'save ms':>8} {'x first':>7} {'x ref':>6} {'RSS MiB':>8}"
+        )
+        for r in pipe:
+            lines.append(
+                f"{r['variant']:18} {r['load_ms']:8.0f} {r['set_volume_ms']:8.0f} "
+                f"{r['first_click_ms']:9.0f} {r['refine_click_ms']:9.0f} {r['save_ms']:8.0f} "
+                f"{r.get('first_click_ratio', 1.0):7.2f} {r.get('refine_click_ratio', 1.0):6.2f} "
+                f"{r['peak_rss_bytes'] / 2**20:8.0f}"
+            )
+    onnx_rows = [r for r in rows if r.get("kind") == "onnx"]
+    for r in onnx_rows:
+        lines.append(
+            f"\nonnxruntime vs torch (CPU): encoder {r['ort_encoder_ms']:.0f} vs "
+            f"{r['torch_encoder_ms']:.0f} ms (x{r['encoder_ratio']:.2f}), click "
+            f"{r['ort_click_ms']:.1f} vs {r['torch_click_ms']:.1f} ms (x{r['click_ratio']:.2f}), "
+            f"max |logit diff| {r['max_abs_logit_diff']:.2e}, Dice {r['dice']:.4f}"
+        )
     batch = [r for r in rows if r.get("kind") == "batch" and "error" not in r]
     if batch:
         lines.append(
@@ -499,3 +521,158 @@ def profile_clicks(arch: str = "fastsam3d_dilated", device: str = "auto", rows: 
         out.append(f"== {arch} {dtype} eager: first click + refinement ==")
         out.append(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
     return "\n".join(out)
+
+
+def ct_like_volume(shape: tuple[int, int, int] = (512, 512, 300), seed: int = 0):
+    """A CT-like int16 volume (HU) of ``shape`` at 0.7 x 0.7 x 1.0 mm: air, a body ellipse,
+    organs as bright ellipsoids, noise. Returns (Volume, voxel of a click in the first organ)."""
+    from fastsam3d.io.read import Volume
+
+    rng = np.random.default_rng(seed)
+    i, j, k = (np.arange(n, dtype=np.float32) - n / 2 for n in shape)
+    arr = np.full(shape, -1000, np.int16)
+    body = (i[:, None] / (0.42 * shape[0])) ** 2 + (j[None, :] / (0.35 * shape[1])) ** 2 <= 1
+    arr[body] = 40
+    organs = [((-60, 20, 0), (70, 55, 60), 120), ((70, -30, 30), (35, 30, 40), 200)]
+    for (ci, cj, ck), (ri, rj, rk), hu in organs:
+        e = (
+            ((i[:, None, None] - ci) / ri) ** 2
+            + ((j[None, :, None] - cj) / rj) ** 2
+            + ((k[None, None, :] - ck) / rk) ** 2
+        ) <= 1
+        arr[e] = hu
+    arr += rng.normal(0, 10, shape).astype(np.int16)
+    affine = np.diag([0.7, 0.7, 1.0, 1.0])
+    affine[:3, 3] = -affine[:3, :3] @ (np.asarray(shape) / 2)
+    click = np.asarray(organs[0][0]) + np.asarray(shape) / 2
+    return Volume(arr, affine), click
+
+
+def bench_pipeline(
+    shape: tuple[int, int, int] = (512, 512, 300),
+    repeats: int = 3,
+    checkpoint: str | None = None,
+    arch: str = "fastsam3d_dilated",
+    quantize: bool = True,
+) -> list[dict]:
+    """The whole path on the CPU: NIfTI on disk -> load -> first click -> refinement -> mask
+    written, for a CT-like ``shape`` volume. One tile per click (``max_new_tiles=0``).
+
+    Baseline: fp32 eager model with 3D ``grid_sample`` resampling (the separable transforms
+    switched off); variants: separable transforms, then + int8 encoder. ``*_ratio`` =
+    baseline / variant.
+    """
+    import tempfile
+
+    import fastsam3d.transforms as tr
+    from fastsam3d.registry import build_model
+
+    volume, click = ct_like_volume(shape)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "ct.nii.gz"
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(volume.array.astype(np.int16), volume.affine), src)
+        variants = [("fp32-grid_sample", None, False), ("fp32-separable", None, True)]
+        if quantize:
+            variants.append(("int8-separable", "int8", True))
+        base = None
+        axis_permutation = tr._axis_permutation
+        for name, quant, separable in variants:
+            torch.manual_seed(0)
+            model = build_model(arch, checkpoint=checkpoint) if checkpoint else build_model(arch)
+            pred = Predictor(model, "cpu", quantize=quant)
+            tr._axis_permutation = axis_permutation if separable else (lambda m: None)
+            try:
+                stages: dict[str, list[float]] = {}
+                for n in range(repeats + 1):  # the first round warms up
+                    times = _pipeline_once(src, pred, click, Path(tmp) / f"m{n}.nii.gz")
+                    if n:
+                        for key, value in times.items():
+                            stages.setdefault(key, []).append(value)
+            finally:
+                tr._axis_permutation = axis_permutation
+            row = {"kind": "pipeline", "variant": name, "shape": list(shape), "arch": arch}
+            row.update({k: statistics.median(v) for k, v in stages.items()})
+            row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            if base is None:
+                base = row
+            else:
+                for key in stages:
+                    row[key.replace("_ms", "_ratio")] = base[key] / row[key]
+            rows.append(row)
+    return rows
+
+
+def _pipeline_once(src: Path, pred: Predictor, click: np.ndarray, out: Path) -> dict[str, float]:
+    """One pass of the file -> mask path, each stage timed in ms."""
+    from fastsam3d.io.read import load_volume
+    from fastsam3d.io.write import save_mask
+    from fastsam3d.session import Session
+
+    t = [time.perf_counter()]
+    volume = load_volume(src)
+    t.append(time.perf_counter())
+    session = Session(pred, max_new_tiles=0)
+    session.set_volume(volume)
+    t.append(time.perf_counter())
+    session.add_point(click)
+    t.append(time.perf_counter())
+    session.add_point(click + [6, 0, 0], positive=False)
+    t.append(time.perf_counter())
+    save_mask(session.label_map, volume, out, overwrite=True)
+    t.append(time.perf_counter())
+    names = ("load_ms", "set_volume_ms", "first_click_ms", "refine_click_ms", "save_ms")
+    times = {n: (b - a) * 1e3 for n, a, b in zip(names, t, t[1:])}
+    times["total_ms"] = (t[-1] - t[0]) * 1e3
+    return times
+
+
+def bench_onnx(
+    model_factory: Callable[[], torch.nn.Module], folder: str | Path, repeats: int = 5
+) -> dict:
+    """onnxruntime (CPU) beside torch eager fp32 (CPU) on the same crop and clicks: largest
+    logit difference, mask Dice, and the encoder / click times with ratios (torch / ort)."""
+    from fastsam3d.export import OnnxPredictor, export_onnx
+
+    model = model_factory()
+    t0 = time.perf_counter()
+    export_onnx(model, folder)
+    export_s = time.perf_counter() - t0
+    crop, click = synthetic_crop()
+    torch_p, ort_p = Predictor(model, "cpu"), OnnxPredictor(folder)
+    pts, lbl = np.stack([click, click + [10, 0, 0]]), np.array([1, 0])
+    zeros = np.zeros((1, 1, LOW_RES, LOW_RES, LOW_RES), np.float32)
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        t_enc = time_ms(lambda: torch_p.set_image(crop), cpu, repeats, warmup=1)
+        t_click = time_ms(
+            lambda: torch_p.predict(
+                torch.from_numpy(pts).float(),
+                torch.from_numpy(lbl),
+                mask_input=torch.from_numpy(zeros),
+            ),
+            cpu,
+            repeats * 4,
+            warmup=1,
+        )
+        ref, _ = torch_p.predict(
+            torch.from_numpy(pts).float(), torch.from_numpy(lbl), mask_input=torch.from_numpy(zeros)
+        )
+    o_enc = time_ms(lambda: ort_p.set_image(crop.numpy()), cpu, repeats, warmup=1)
+    o_click = time_ms(lambda: ort_p.predict(pts, lbl, zeros), cpu, repeats * 4, warmup=1)
+    got, _ = ort_p.predict(pts, lbl, zeros)
+    got_t = torch.from_numpy(got)
+    return {
+        "kind": "onnx",
+        "export_s": export_s,
+        "max_abs_logit_diff": float((got_t - ref).abs().max()),
+        "dice": dice(got_t > 0, ref > 0),
+        "torch_encoder_ms": t_enc["median_ms"],
+        "ort_encoder_ms": o_enc["median_ms"],
+        "encoder_ratio": t_enc["median_ms"] / o_enc["median_ms"],
+        "torch_click_ms": t_click["median_ms"],
+        "ort_click_ms": o_click["median_ms"],
+        "click_ratio": t_click["median_ms"] / o_click["median_ms"],
+    }

@@ -1,0 +1,160 @@
+"""ONNX export (``fastsam3d export-onnx``) and an onnxruntime predictor that needs no torch.
+
+Two graphs, as the interactive loop uses them:
+
+* ``encoder.onnx``: ``image`` (1, 1, S, S, S) normalised crop -> ``embedding`` (1, C, S/16, ...).
+* ``decoder.onnx``: prompt encoder + mask decoder for clicks: ``embedding``, ``point_coords``
+  (1, N, 3) crop voxels, ``point_labels`` (1, N) int64 (1 positive, 0 negative; N is dynamic),
+  ``mask_input`` (1, 1, S/4, S/4, S/4) previous low-res logits (zeros on a first click) ->
+  ``low_res_logits`` (1, 1, S/4, ...) and ``iou`` (1, 1). Box prompts are not exported.
+
+:class:`OnnxPredictor` has the :class:`~fastsam3d.predictor.Predictor` methods on numpy arrays
+with onnxruntime's CPU backend, so the Slicer module and light clients can run without torch.
+This module imports torch only inside :func:`export_onnx`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fastsam3d.errors import FastSAM3DError
+
+if TYPE_CHECKING:
+    import torch
+
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+META_FILE = "onnx_meta.json"
+OPSET = 17
+
+
+def _click_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The prompt encoder + mask decoder for clicks as one module (dense PE a constant)."""
+    import torch
+
+    class Click(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.prompt_encoder = model.prompt_encoder
+            self.mask_decoder = model.mask_decoder
+            self.register_buffer("dense_pe", model.prompt_encoder.get_dense_pe().detach())
+
+        def forward(self, embedding, point_coords, point_labels, mask_input):
+            sparse, dense = self.prompt_encoder((point_coords, point_labels), None, mask_input)
+            return self.mask_decoder(embedding, self.dense_pe, sparse, dense, False)
+
+    return Click().eval()
+
+
+def export_onnx(
+    model: torch.nn.Module, out_dir: str | Path, opset: int = OPSET
+) -> tuple[Path, Path]:
+    """Write ``encoder.onnx``, ``decoder.onnx`` and ``onnx_meta.json`` for ``model``.
+
+    Uses the TorchScript-based exporter (``dynamo=False``): it needs no onnxscript and handles
+    the model's reshapes; graphs are float32 with fixed crop size and a dynamic click count.
+    Returns the two model paths.
+    """
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.float().cpu().eval()
+    size = int(getattr(model.config, "img_size", 128))
+    image = torch.randn(1, 1, size, size, size)
+    low = size // 4
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
+        embedding = model.image_encoder(image)
+        enc_path, dec_path = out / ENCODER_FILE, out / DECODER_FILE
+        torch.onnx.export(
+            model.image_encoder,
+            (image,),
+            str(enc_path),
+            input_names=["image"],
+            output_names=["embedding"],
+            opset_version=opset,
+            dynamo=False,
+        )
+        inputs = (
+            embedding,
+            torch.tensor([[[size / 2, size / 2, size / 2], [size / 3, size / 2, size / 2]]]),
+            torch.tensor([[1, 0]]),
+            torch.zeros(1, 1, low, low, low),
+        )
+        torch.onnx.export(
+            _click_module(model),
+            inputs,
+            str(dec_path),
+            input_names=["embedding", "point_coords", "point_labels", "mask_input"],
+            output_names=["low_res_logits", "iou"],
+            dynamic_axes={"point_coords": {1: "n_points"}, "point_labels": {1: "n_points"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    meta = {"img_size": size, "low_res": low, "config": model.config.to_dict(), "opset": opset}
+    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    return enc_path, dec_path
+
+
+class OnnxPredictor:
+    """Predictor on onnxruntime (CPU): ``set_image`` then ``predict`` on numpy arrays.
+
+    Args:
+        folder: where :func:`export_onnx` wrote its files.
+        threads: intra-op threads (None: onnxruntime's default, one per core).
+    """
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise FastSAM3DError(
+                "onnxruntime is not installed: pip install 'fastsam3d[onnx]'"
+            ) from None
+        folder = Path(folder)
+        missing = [f for f in (ENCODER_FILE, DECODER_FILE, META_FILE) if not (folder / f).is_file()]
+        if missing:
+            raise FastSAM3DError(
+                f"{folder}: missing {', '.join(missing)}; run fastsam3d export-onnx"
+            )
+        self.meta = json.loads((folder / META_FILE).read_text())
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        self._encoder = ort.InferenceSession(str(folder / ENCODER_FILE), opts, providers=providers)
+        self._decoder = ort.InferenceSession(str(folder / DECODER_FILE), opts, providers=providers)
+        self._embedding: np.ndarray | None = None
+        self.encoder_calls = 0
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Encode a (1, 1, S, S, S) normalised crop (float32)."""
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        (self._embedding,) = self._encoder.run(None, {"image": image})
+        self.encoder_calls += 1
+
+    def predict(
+        self, points: np.ndarray, labels: np.ndarray, mask_input: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Clicks (N, 3) crop voxels and labels (N,) -> low-res logits (1, 1, L, L, L), iou (1, 1)."""
+        if self._embedding is None:
+            raise RuntimeError("call set_image() before predict()")
+        low = self.meta["low_res"]
+        if mask_input is None:
+            mask_input = np.zeros((1, 1, low, low, low), np.float32)
+        logits, iou = self._decoder.run(
+            None,
+            {
+                "embedding": self._embedding,
+                "point_coords": np.asarray(points, np.float32).reshape(1, -1, 3),
+                "point_labels": np.asarray(labels, np.int64).reshape(1, -1),
+                "mask_input": np.ascontiguousarray(mask_input, dtype=np.float32),
+            },
+        )
+        return logits, iou
