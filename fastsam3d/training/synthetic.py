@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fastsam3d.transforms import MODEL_SPACING_MM
 
 
 @dataclass(frozen=True)
@@ -263,3 +267,25 @@ def _pick_target(labels: Tensor, k: int, min_voxels: int, gen: torch.Generator) 
     scores = torch.rand(counts.shape, generator=gen, device=labels.device).masked_fill(~valid, -1.0)
     pick = scores.argmax(dim=1)
     return torch.where(valid.any(dim=1), pick, counts.argmax(dim=1))
+
+
+def validation_cases(
+    n: int, seed: int = 1234, config: SyntheticConfig = SyntheticConfig()
+) -> list[tuple[Any, np.ndarray, int]]:
+    """Held-out synthetic cases for :func:`fastsam3d.evaluate.evaluate_case`.
+
+    Returns ``n`` tuples (Volume at 1.5 mm isotropic, label map (S, S, S) uint8, target label id),
+    generated on the CPU from ``seed`` (training runs use other seeds).
+    """
+    from fastsam3d.io.read import Volume
+
+    batch = generate(n, torch.Generator().manual_seed(seed), config)
+    affine = np.diag([MODEL_SPACING_MM] * 3 + [1.0])
+    return [
+        (
+            Volume(batch.image[i, 0].numpy(), affine, None, {}),
+            batch.labels[i].numpy(),
+            int(batch.target_id[i]),
+        )
+        for i in range(n)
+    ]
