@@ -10,6 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
+pytest.register_assert_rewrite("server_utils")  # it is also loaded as a plugin (below)
 from server_utils import make_volume
 from typer.testing import CliRunner
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
+
+pytest.register_assert_rewrite("server_utils")  # it is also loaded as a plugin (below)
 from server_utils import make_volume
 
 from fastsam3d.io.read import Volume
@@ -161,6 +163,7 @@ def test_scribble_and_lasso_sampling():
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 def test_box_without_box_model_is_clicks_and_undoes_as_one():
     """On a model trained without boxes a box becomes clicks (centre + negatives outside); one
     undo reverts them all. (In process: the same app as `fastsam3d serve` builds.)"""

@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+
+pytest.register_assert_rewrite("server_utils")  # it is also loaded as a plugin (below)
 from server_utils import UPLOAD_MB, make_volume, running_server
 from typer.testing import CliRunner
 
