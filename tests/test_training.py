@@ -187,3 +187,53 @@ def test_cli_train_and_models(tmp_path: Path) -> None:
     assert json.loads((out / "state.json").read_text())["step"] == 3
     listing = runner.invoke(app, ["models"])
     assert listing.exit_code == 0 and "fastsam3d_dilated" in listing.output
+
+
+def _nifti_case(folder: Path) -> None:
+    """A 40^3 volume at 2 mm with two touching boxes as labels 1 and 2 (NIfTI pair)."""
+    import nibabel as nib
+    import numpy as np
+
+    folder.mkdir(parents=True)
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[10:25, 10:30, 12:28] = 1
+    label[25:34, 10:30, 12:28] = 2
+    image = (100 + 50 * label + np.random.default_rng(0).normal(0, 5, label.shape)).astype("f4")
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), folder / "image.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), folder / "label.nii.gz")
+
+
+def test_cli_finetune_on_nifti_and_distill(tmp_path: Path) -> None:
+    from fastsam3d.cli import app
+    from fastsam3d.training.data import find_pairs, prepare_cases
+
+    _nifti_case(tmp_path / "data" / "case1")
+    cases = prepare_cases([tmp_path / "data"])
+    assert find_pairs(tmp_path / "data")[0][0] == "case1"
+    assert sorted(cases[0].objects) == [1, 2]
+    runner = CliRunner()
+    sets = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
+    base = ["--steps", "2", "--batch-size", "2", "--rounds", "2"]
+    teacher = tmp_path / "t"
+    assert runner.invoke(app, ["train", "--out", str(teacher), *sets, *base]).exit_code == 0
+    tuned = runner.invoke(
+        app,
+        ["finetune", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "ft"),
+         "--from", str(teacher / "model.safetensors"), *base],
+    )  # fmt: skip
+    assert tuned.exit_code == 0, tuned.output
+    state = json.loads((tmp_path / "ft" / "state.json").read_text())
+    assert state["loop"]["extra"]["real_cases"] == ["case1"]
+    small = [
+        *sets[: sets.index("embed_dim=32")],
+        "embed_dim=16",
+        *sets[sets.index("embed_dim=32") + 1 :],
+    ]
+    distilled = runner.invoke(
+        app,
+        ["distill", "--teacher", str(teacher / "model.safetensors"), "--out", str(tmp_path / "d"),
+         *small, "--schedule", "dynamic", *base],
+    )  # fmt: skip
+    assert distilled.exit_code == 0, distilled.output
+    assert (tmp_path / "d" / "extra.safetensors").exists()
