@@ -185,6 +185,12 @@ class ClickRunner:
         return self._mask(low)
 
 
+def _resident_bytes(device: torch.device) -> int:
+    """Device memory already held before a variant starts (CUDA; 0 on the CPU, where the
+    process peak RSS is reported as is)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
 def _peak_bytes(device: torch.device, fn: Callable[[], object]) -> int:
     """Peak device memory of ``fn()`` (CUDA) or the process's peak RSS so far (CPU)."""
     if device.type == "cuda":
@@ -214,6 +220,8 @@ def bench_clicks(
     base: dict | None = None
     ref_masks: tuple[torch.Tensor, torch.Tensor] | None = None
     for v in variants:
+        gc.collect()
+        resident = _resident_bytes(device)
         model = model_factory()
         if v.bf16_weights:
             model = model.to(torch.bfloat16)
@@ -243,7 +251,7 @@ def bench_clicks(
             stats = time_ms(fn, device, n)
             row[f"{name}_ms"] = stats["median_ms"]
             row[f"{name}_p90_ms"] = stats["p90_ms"]
-        row["peak_mem_bytes"] = _peak_bytes(device, runner.first)
+        row["peak_mem_bytes"] = _peak_bytes(device, runner.first) - resident
         if base is None:
             base, ref_masks = row, (first_mask, refine_mask)
             row["mask_voxels"] = int(first_mask.sum())
