@@ -204,6 +204,7 @@ def _nifti_case(folder: Path) -> None:
     nib.save(nib.Nifti1Image(label, affine), folder / "label.nii.gz")
 
 
+@pytest.mark.slow
 def test_cli_finetune_on_nifti_and_distill(tmp_path: Path) -> None:
     from fastsam3d.cli import app
     from fastsam3d.training.data import find_pairs, prepare_cases
