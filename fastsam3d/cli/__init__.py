@@ -22,6 +22,7 @@ from fastsam3d.cli import convert  # noqa: E402,F401
 from fastsam3d.cli import segment  # noqa: E402,F401
 from fastsam3d.cli import evaluate  # noqa: E402,F401
 from fastsam3d.cli import doctor  # noqa: E402,F401
+from fastsam3d.cli import train  # noqa: E402,F401
 from fastsam3d.cli import serve  # noqa: E402,F401
 from fastsam3d.cli import bench  # noqa: E402,F401
 from fastsam3d.cli import export  # noqa: E402,F401
