@@ -131,6 +131,7 @@ class Variant:
     quantize: str | None = None
     bf16_weights: bool = False  # cast the model itself to bfloat16 (no per-call weight casts)
     cudnn_benchmark: bool = False  # let cuDNN time its algorithms per shape
+    click_threads: int | None = 1  # CPU threads of the click path (None: torch's setting)
 
 
 def default_variants(device: torch.device) -> list[Variant]:
@@ -144,7 +145,11 @@ def default_variants(device: torch.device) -> list[Variant]:
             Variant("bf16w-graphs", dtype="bf16", compile="cudagraphs", bf16_weights=True),
             Variant("bf16-graphs-cudnnb", dtype="bf16", compile="cudagraphs", cudnn_benchmark=True),
         ]
-    return [Variant("fp32-eager"), Variant("int8-eager", quantize="int8")]
+    return [
+        Variant("fp32-eager", click_threads=None),
+        Variant("fp32-1thread-click"),
+        Variant("int8-1thread-click", quantize="int8"),
+    ]
 
 
 class ClickRunner:
@@ -228,7 +233,14 @@ def bench_clicks(
         torch.backends.cudnn.benchmark = v.cudnn_benchmark
         t0 = time.perf_counter()
         try:
-            pred = Predictor(model, device, dtype=v.dtype, compile=v.compile, quantize=v.quantize)
+            pred = Predictor(
+                model,
+                device,
+                dtype=v.dtype,
+                compile=v.compile,
+                quantize=v.quantize,
+                click_threads=v.click_threads,
+            )
             runner = ClickRunner(pred, crop, click)
             first_mask, refine_mask = runner.first().clone(), runner.refine().clone()
             if device.type == "cuda":
@@ -345,7 +357,7 @@ def bench_compile(
     return bench_clicks(
         model_factory,
         device,
-        [Variant("fp32-eager"), Variant("fp32-inductor", compile="inductor")],
+        [Variant("fp32-eager", click_threads=None), Variant("fp32-inductor", compile="inductor")],
         repeats,
         arch,
     )
@@ -567,8 +579,8 @@ def bench_pipeline(
     written, for a CT-like ``shape`` volume. One tile per click (``max_new_tiles=0``).
 
     Baseline: fp32 eager model with 3D ``grid_sample`` resampling (the separable transforms
-    switched off); variants: separable transforms, then + int8 encoder. ``*_ratio`` =
-    baseline / variant.
+    switched off) and torch's thread setting for clicks; variants: separable transforms with
+    single-threaded clicks, then + int8 encoder. ``*_ratio`` = baseline / variant.
     """
     import tempfile
 
@@ -582,15 +594,18 @@ def bench_pipeline(
         import nibabel as nib
 
         nib.save(nib.Nifti1Image(volume.array.astype(np.int16), volume.affine), src)
-        variants = [("fp32-grid_sample", None, False), ("fp32-separable", None, True)]
+        variants = [
+            ("fp32-grid_sample", None, False, None),
+            ("fp32-separable-1thread", None, True, 1),
+        ]
         if quantize:
-            variants.append(("int8-separable", "int8", True))
+            variants.append(("int8-separable-1thread", "int8", True, 1))
         base = None
         axis_permutation = tr._axis_permutation
-        for name, quant, separable in variants:
+        for name, quant, separable, click_threads in variants:
             torch.manual_seed(0)
             model = build_model(arch, checkpoint=checkpoint) if checkpoint else build_model(arch)
-            pred = Predictor(model, "cpu", quantize=quant)
+            pred = Predictor(model, "cpu", quantize=quant, click_threads=click_threads)
             tr._axis_permutation = axis_permutation if separable else (lambda m: None)
             try:
                 stages: dict[str, list[float]] = {}

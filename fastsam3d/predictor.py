@@ -53,6 +53,12 @@ class Predictor:
         quantize: None or ``"int8"`` (CPU only: dynamic int8 quantisation of the image encoder's
             Linear layers, weights int8, activations quantised per call, fbgemm kernels; the
             decoder stays float32 because its small matrices ran 5x slower quantised).
+        click_threads: CPU threads for the click path (prompt encoder + decoder), None to
+            leave torch's setting. The decoder is a chain of small operations whose OpenMP
+            barriers stall whenever another process (or the GUI) holds a core: on the 2-core
+            CI machine a refinement took 318 ms with 2 threads and 91 ms with 1, and 1944 vs
+            292 ms with one core busy (benchmarks/NOTES.md). The setting is process-wide
+            while a click runs and restored after it.
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class Predictor:
         dtype: str = "fp32",
         compile: str | None = None,
         quantize: str | None = None,
+        click_threads: int | None = 1,
     ):
         self.device = resolve_device(device)
         if dtype not in DTYPES:
@@ -83,6 +90,7 @@ class Predictor:
             self.model = Sam3D(encoder, m.prompt_encoder, m.mask_decoder, m.config).eval()
         self.dtype = dtype
         self.compile = compile
+        self.click_threads = click_threads if self.device.type == "cpu" else None
         self.cache_size = cache_size
         self._cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self._embedding: torch.Tensor | None = None
@@ -234,7 +242,14 @@ class Predictor:
             tuple(self._embedding.shape),
         )
         args = (self._embedding, self._dense_pe, pts, boxes, masks, multimask)
-        return self._run("click", self._click, args, key)
+        if self.click_threads is None:
+            return self._run("click", self._click, args, key)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.click_threads)
+        try:
+            return self._run("click", self._click, args, key)
+        finally:
+            torch.set_num_threads(threads)
 
 
 class CudaGraph:
