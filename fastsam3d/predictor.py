@@ -311,10 +311,16 @@ def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+UNTRAINED = "untrained"
+UNTRAINED_NAME = "UNTRAINED default architecture (random weights: checks the pipeline, not a model)"
+
+
 def load_predictor(
     model: str | Path | torch.nn.Module = "default", device: str = "auto", **options: Any
 ) -> tuple[Predictor, str]:
-    """A predictor for ``model``: ``"default"`` (bundled weights), a checkpoint path, or a module.
+    """A predictor for ``model``: ``"default"`` (bundled weights), a checkpoint path, a module,
+    or ``"untrained"`` (the default architecture with seeded random weights, explicitly named so,
+    for checking an installation's pipeline before trained weights exist).
 
     ``options`` go to :class:`Predictor` (``dtype``, ``compile``, ``quantize``, ``cache_size``).
 
@@ -326,6 +332,9 @@ def load_predictor(
 
     if isinstance(model, torch.nn.Module):
         return Predictor(model, device, **options), type(model).__name__
+    if str(model) == UNTRAINED:
+        torch.manual_seed(0)
+        return Predictor(build_model(), device), UNTRAINED_NAME
     if str(model) == "default":
         from fastsam3d.weights import default_checkpoint
 

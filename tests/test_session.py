@@ -184,3 +184,10 @@ def test_set_mask_starts_an_object_and_a_click_refines_it(tiny_model):
     assert np.array_equal(s.label_map == 1, start)
     s.add_point((20, 20, 20))
     assert s.predictor.encoder_calls == 1
+
+
+def test_untrained_model_is_never_presented_as_a_model():
+    from fastsam3d.predictor import load_predictor
+
+    _, name = load_predictor("untrained", "cpu")
+    assert name.startswith("UNTRAINED") and "random weights" in name

@@ -54,8 +54,15 @@ def load_input(text: str) -> Volume:
 
 def make_session(model: str, device: str):
     """The session every command uses (clear CheckpointError when no default weights exist)."""
+    from fastsam3d.predictor import UNTRAINED
     from fastsam3d.session import Session
 
+    if model == UNTRAINED:
+        console.print(
+            "[bold yellow]warning:[/] no trained weights are bundled yet; --model untrained runs "
+            "the real pipeline with RANDOM weights: the mask it writes is meaningless",
+            highlight=False,
+        )
     return Session(model=model, device=device)
 
 
@@ -95,7 +102,8 @@ def segment(
         str, typer.Option(help="Coordinates of points: voxel, ras or lps.")
     ] = "voxel",
     model: Annotated[
-        str, typer.Option(help="'default' (bundled weights) or a checkpoint path.")
+        str, typer.Option(help="'default' (bundled weights), a checkpoint path, or 'untrained' (random weights, "
+            "pipeline check only).")
     ] = "default",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
