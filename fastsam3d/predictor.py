@@ -334,7 +334,7 @@ def load_predictor(
         return Predictor(model, device, **options), type(model).__name__
     if str(model) == UNTRAINED:
         torch.manual_seed(0)
-        return Predictor(build_model(), device), UNTRAINED_NAME
+        return Predictor(build_model(), device, **options), UNTRAINED_NAME
     if str(model) == "default":
         from fastsam3d.weights import default_checkpoint
 
