@@ -594,19 +594,23 @@ def bench_pipeline(
         import nibabel as nib
 
         nib.save(nib.Nifti1Image(volume.array.astype(np.int16), volume.affine), src)
+        # (name, quantize, separable transforms, click threads, all threads)
         variants = [
-            ("fp32-grid_sample", None, False, None),
-            ("fp32-separable-1thread", None, True, 1),
+            ("fp32-grid_sample", None, False, None, None),
+            ("fp32-separable-1thread", None, True, 1, None),
         ]
         if quantize:
-            variants.append(("int8-separable-1thread", "int8", True, 1))
+            variants.append(("int8-separable-1thread", "int8", True, 1, None))
+            variants.append(("int8-separable-all1", "int8", True, 1, 1))
         base = None
         axis_permutation = tr._axis_permutation
-        for name, quant, separable, click_threads in variants:
+        default_threads = torch.get_num_threads()
+        for name, quant, separable, click_threads, threads in variants:
             torch.manual_seed(0)
             model = build_model(arch, checkpoint=checkpoint) if checkpoint else build_model(arch)
             pred = Predictor(model, "cpu", quantize=quant, click_threads=click_threads)
             tr._axis_permutation = axis_permutation if separable else (lambda m: None)
+            torch.set_num_threads(threads or default_threads)
             try:
                 stages: dict[str, list[float]] = {}
                 for n in range(repeats + 1):  # the first round warms up
@@ -616,6 +620,7 @@ def bench_pipeline(
                             stages.setdefault(key, []).append(value)
             finally:
                 tr._axis_permutation = axis_permutation
+                torch.set_num_threads(default_threads)
             row = {"kind": "pipeline", "variant": name, "shape": list(shape), "arch": arch}
             row.update({k: statistics.median(v) for k, v in stages.items()})
             row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
