@@ -580,16 +580,26 @@ class FastSAM3DWidget(Container):
         if self.labels_layer is not None:
             self.labels_layer.selected_label = result.active
         if self.prompts_layer is not None:
-            colors = np.where(result.positive[:, None], POSITIVE_COLOR, NEGATIVE_COLOR)
-            self.prompts_layer.data = result.voxels
-            self.prompts_layer.features = {"positive": result.positive, "object": result.object_ids}
-            if len(result.voxels):
-                self.prompts_layer.face_color = colors
+            self._draw_prompts(result.voxels, result.positive, result.object_ids)
+
+    def _draw_prompts(self, voxels: np.ndarray, positive: np.ndarray, ids: np.ndarray) -> None:
+        """Replace the prompt points: positive green, negative red, object id as a feature."""
+        layer = self.prompts_layer
+        layer.selected_data = set()
+        layer.data = voxels
+        layer.features = {"positive": positive, "object": ids}
+        if len(voxels):
+            layer.face_color = np.where(positive[:, None], POSITIVE_COLOR, NEGATIVE_COLOR)
 
     def _draw_pending(self, voxel: np.ndarray, positive: bool) -> None:
         """Show the click at once, before the worker answers (redrawn from the session later)."""
-        self.prompts_layer.current_face_color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
-        self.prompts_layer.add(voxel[None])
+        layer = self.prompts_layer
+        features = layer.features
+        self._draw_prompts(
+            np.vstack([layer.data, voxel[None]]),
+            np.append(np.asarray(features.get("positive", []), bool), positive),
+            np.append(np.asarray(features.get("object", []), int), self.active_object),
+        )
 
     def _on_busy_changed(self) -> None:
         self._progress.visible = self._worker.pending > 0
