@@ -82,6 +82,22 @@ class ModelConfig:
     flash_decoder: bool = False
     backend: str = "sdpa"
 
+    def __post_init__(self) -> None:
+        """Reject sizes the layers cannot split evenly (else the first prompt fails deep inside)."""
+        pe_blocks = 3 if self.duplicate_sine else 2  # (sin, cos, sin) or (sin, cos) features
+        checks = [
+            (self.embed_dim % self.num_heads == 0, "embed_dim must be a multiple of num_heads"),
+            (self.prompt_embed_dim % pe_blocks == 0, f"prompt_embed_dim must be a multiple of {pe_blocks}"),
+            (
+                self.prompt_embed_dim % (2 * self.decoder_heads) == 0,
+                "prompt_embed_dim must be a multiple of 2 * decoder_heads",
+            ),
+            (self.img_size % self.patch_size == 0, "img_size must be a multiple of patch_size"),
+        ]
+        problems = [msg for ok, msg in checks if not ok]
+        if problems:
+            raise ValueError(f"invalid {self.arch} config: " + "; ".join(problems))
+
     @property
     def accepts_boxes(self) -> bool:
         """True when the prompt encoder has box-corner embeddings."""

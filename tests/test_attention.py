@@ -158,7 +158,7 @@ def test_rel_pos_index_tensors_follow_the_table_device() -> None:
 def test_models_agree_across_backends(arch: str) -> None:
     """Whole encoders (global, windowed, dilated) give the same embedding with every backend."""
     torch.manual_seed(3)
-    model = build_model(arch, embed_dim=24, depth=3, num_heads=3, out_chans=12, prompt_embed_dim=24)
+    model = build_model(arch, embed_dim=24, depth=3, num_heads=3, out_chans=12, prompt_embed_dim=48)
     x = torch.randn(1, 1, 128, 128, 128)
     with torch.no_grad():
         for p in model.parameters():  # non-zero rel-pos tables and pos-embed

@@ -17,7 +17,7 @@ from fastsam3d.cli import app
 from fastsam3d.errors import CheckpointError, OutputExistsError, PromptError
 from fastsam3d.registry import build_model, list_architectures
 
-SMALL = {"embed_dim": 48, "out_chans": 24, "prompt_embed_dim": 24, "decoder_mlp_dim": 64}
+SMALL = {"embed_dim": 48, "out_chans": 24, "prompt_embed_dim": 48, "decoder_mlp_dim": 64}
 TEACHER = {**SMALL, "depth": 3, "global_attn_indexes": (2,)}
 
 
@@ -54,7 +54,7 @@ def test_official_combined_pth_infers_the_student(student: torch.nn.Module, tmp_
     assert (model.config.embed_dim, model.config.num_heads, model.config.prompt_embed_dim) == (
         48,
         6,
-        24,
+        48,
     )
     _same_weights(model, student)
 
@@ -178,9 +178,9 @@ def test_boxes_only_where_the_config_has_corner_embeddings() -> None:
     ours = build_model("fastsam3d_dilated", **SMALL)
     assert ours.config.accepts_boxes
     sparse, dense = ours.prompt_encoder(points=points, boxes=box, masks=None)
-    assert sparse.shape == (1, 3, 24) and dense.shape == (1, 24, 8, 8, 8)
+    assert sparse.shape == (1, 3, 48) and dense.shape == (1, 48, 8, 8, 8)
     sparse, _ = ours.prompt_encoder(points=None, boxes=box, masks=None)
-    assert sparse.shape == (1, 2, 24)
+    assert sparse.shape == (1, 2, 48)
 
 
 def test_architectures_listed() -> None:
