@@ -233,8 +233,10 @@ def test_bad_checkpoint_is_a_notification(make_napari_viewer, qtbot, oblique_nif
     seen = len(notification_manager.records)
     widget.start()
     _idle(qtbot, widget)
-    widget.add_point((30, 28, 20))  # no session: a message, not a crash
-    _idle(qtbot, widget)
+    for _ in range(2):  # no session: a message each time, not a crash
+        widget.add_point((30, 28, 20))
+        _idle(qtbot, widget)
+        assert len(widget.prompts_layer.data) == 0
     messages = [str(n.message) for n in notification_manager.records[seen:]]
     assert any("model.pth" in m for m in messages), messages
     assert any("no model is loaded" in m for m in messages), messages
