@@ -572,8 +572,11 @@ class Session:
             for other, obj in self._objects.items():
                 if other != oid and obj.mask.arr.size:
                     view[(view == 0) & obj.mask.region(lo, hi)] = other
-            # labels of objects that no longer exist (clear) are dropped
-            view[~np.isin(view, [0, *self._objects])] = 0
+            # labels of objects that no longer exist (clear) are dropped; a lookup table over
+            # the uint16 labels is ~2x cheaper than np.isin on a large box
+            known = np.zeros(65536, bool)
+            known[[0, *self._objects]] = True
+            view[~known[view]] = 0
         self._undo.append(
             _Step(bbox, old, view.copy(), before, dict(self._objects), active_before, self.active_object)
         )
