@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastsam3d.atomic import atomic_path
 from fastsam3d.errors import CheckpointError, OutputExistsError
 from fastsam3d.modeling import Sam3D
 from fastsam3d.registry import ModelConfig, build_from_config, get_config
@@ -358,12 +357,6 @@ def save_safetensors(
     if model.config is not None:
         meta["config"] = json.dumps(model.config.to_dict())
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path

@@ -452,3 +452,17 @@ def test_folder_without_dicom(tmp_path):
         load_volume(tmp_path)
     with pytest.raises(VolumeError, match="series_uid only applies to a folder"):
         load_volume(tmp_path / "readme.txt", series_uid="1.2")
+
+
+def test_written_mask_has_ordinary_permissions(tmp_path):
+    """The temp-then-rename write must not leave an owner-only file behind (mkstemp's 0600)."""
+    import os
+
+    from fastsam3d.io import save_mask
+    from fastsam3d.sample_data import make_phantom
+
+    volume, label = make_phantom()
+    umask = os.umask(0)
+    os.umask(umask)
+    path = save_mask(label, volume, tmp_path / "mask.nii.gz")
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from fastsam3d import geometry
+from fastsam3d.atomic import atomic_path
 from fastsam3d.errors import OutputExistsError, VolumeError
 from fastsam3d.io.read import Volume, suffix_of
 
@@ -67,19 +67,11 @@ def _check_target(path: Path, like: Volume, overwrite: bool) -> None:
 def _atomic_target(path: Path, suffix: str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=".fastsam3d-", suffix=suffix, dir=path.parent)
-    except OSError as exc:
-        raise VolumeError(f"{path}: cannot write in {path.parent}: {exc.strerror}") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
+        with atomic_path(path, suffix) as tmp:
+            yield tmp
     except (OSError, RuntimeError) as exc:  # RuntimeError: SimpleITK's write failures
         problem = "a folder has that name" if path.is_dir() else str(exc)
         raise VolumeError(f"{path}: writing failed: {problem}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_nifti(labels: np.ndarray, affine: np.ndarray, tmp: Path) -> None:

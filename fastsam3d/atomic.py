@@ -1,0 +1,33 @@
+"""Atomic file writes: write beside the target, then rename over it.
+
+A failed or interrupted write leaves neither a partial output nor a stray temporary file, and
+the finished file gets the usual permissions (``mkstemp`` alone would make it owner-only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+_UMASK = os.umask(0)  # read once at import (single-threaded), then restored
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; on success rename it onto ``path``.
+
+    Raises OSError if the folder is not writable; the temporary file is always removed.
+    """
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
