@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastsam3d.modeling.common import MLP, LayerNorm3d
@@ -70,16 +71,62 @@ class MaskDecoder3D(nn.Module):
             src = torch.repeat_interleave(src, b, dim=0)
         src = src + dense_prompt_embeddings
         pos_src = torch.repeat_interleave(image_pe, b, dim=0)
-        c, grid = src.shape[1], src.shape[2:]
+        grid = src.shape[2:]
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, *grid))
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )
-        masks = (hyper_in @ upscaled.flatten(2)).reshape(b, -1, *upscaled.shape[2:])
         iou = self.iou_prediction_head(iou_token_out)
         sel = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sel], iou[:, sel]
+        return self._upscale_masks(src, hyper_in[:, sel], grid), iou[:, sel]
+
+    def _upscale_masks(
+        self, src: torch.Tensor, hyper_in: torch.Tensor, grid: tuple[int, int, int]
+    ) -> torch.Tensor:
+        """``hyper_in @ output_upscaling(src)`` without moving the 4x upscaled features.
+
+        Both transposed convolutions have stride = kernel = 2, so each writes one disjoint
+        2^3 patch per input voxel: a matrix product per voxel. Here they run as such on
+        channels-last features kept in patch order (token, sub-voxel, sub-sub-voxel), with
+        LayerNorm and GELU per voxel, and only the K mask channels are put back in grid order
+        at the end. Same arithmetic as the ``nn.Sequential`` (parameters and keys unchanged);
+        the upscaled features are never permuted (a 48 x 32^3 strided copy per click).
+
+        Args:
+            src: (B, d*h*w, C) image tokens from the transformer, row-major.
+            hyper_in: (B, K, C/8) per-mask weights.
+            grid: (d, h, w).
+
+        Returns:
+            (B, K, 4d, 4h, 4w) mask logits.
+        """
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        b, (d, h, w) = src.shape[0], grid
+        x = act1(_layer_norm_last(norm, _patch_deconv(up1, src)))  # (B, dhw*8, C/4)
+        x = act2(_patch_deconv(up2, x))  # (B, dhw*64, C/8), order (token, sub, sub-sub)
+        masks = x @ hyper_in.transpose(1, 2)  # (B, dhw*64, K)
+        k = masks.shape[-1]
+        masks = masks.reshape(b, d, h, w, 2, 2, 2, 2, 2, 2, k)
+        # voxel along an axis = 4 * token + 2 * sub + sub-sub
+        masks = masks.permute(0, 10, 1, 4, 7, 2, 5, 8, 3, 6, 9)
+        return masks.reshape(b, k, 4 * d, 4 * h, 4 * w)
+
+
+def _patch_deconv(conv: nn.ConvTranspose3d, x: torch.Tensor) -> torch.Tensor:
+    """Stride-2, kernel-2 transposed conv on channels-last voxels (B, M, C_in) ->
+    (B, M * 8, C_out): each voxel becomes its 2^3 patch (sub-voxel order kd, kh, kw)."""
+    c_in, c_out = conv.in_channels, conv.out_channels
+    weight = conv.weight.permute(0, 2, 3, 4, 1).reshape(c_in, 8 * c_out)
+    bias = None if conv.bias is None else conv.bias.repeat(8)
+    y = F.linear(x, weight.T, bias)
+    return y.reshape(x.shape[0], x.shape[1] * 8, c_out)
+
+
+def _layer_norm_last(norm: LayerNorm3d, x: torch.Tensor) -> torch.Tensor:
+    """:class:`LayerNorm3d`'s arithmetic (biased variance, eps inside the root) on the last axis."""
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).pow(2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
