@@ -7,6 +7,7 @@ baseline is the same clicks on a bare Session in the main thread, interleaved (r
 Prints JSON lines. Run under a display (``xvfb-run -a python benchmarks/bench_napari_click.py``).
 
     python benchmarks/bench_napari_click.py [--model PATH] [--device cpu] [--max-new-tiles 0]
+        [--threads N]
 
 Without ``--model`` it uses the bundled default weights, or, when none are bundled, the default
 architecture at full size with random weights (same compute, meaningless masks).
@@ -42,11 +43,13 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-new-tiles", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import napari
-    from qtpy.QtCore import QEventLoop
-    from qtpy.QtWidgets import QApplication
+    from qtpy.QtCore import QEventLoop, QTimer
 
     from fastsam3d.sample_data import load_sample, sample_path
     from fastsam3d.session import Session
@@ -66,11 +69,14 @@ def main() -> None:
     widget = FastSAM3DWidget(viewer, session_factory=lambda model, device: make_session())
     viewer.window.add_dock_widget(widget)
     widget._autosave.value = False
-    app = QApplication.instance()
 
-    def wait() -> None:  # block in Qt's event loop (no busy loop stealing the CPU)
-        while widget._worker.pending:
-            app.processEvents(QEventLoop.AllEvents | QEventLoop.WaitForMoreEvents)
+    def wait() -> None:  # run Qt's event loop as napari does (a busy loop would steal the GIL)
+        loop = QEventLoop()
+        timer = QTimer()
+        timer.timeout.connect(lambda: widget._worker.pending or loop.quit())
+        timer.start(20)
+        loop.exec_()
+        timer.stop()
 
     widget.start()
     wait()
