@@ -278,7 +278,7 @@ class Session:
             return self._commit(oid, obj, [tile], before, t0, iou)
 
     def new_object(self, object_id: int | None = None) -> int:
-        """Create an object (next free label id unless given) and make it active."""
+        """Create an object (next free label id unless given) and make it active; undoable."""
         with self._lock:
             self.volume  # noqa: B018
             oid = (max(self._objects) + 1) if object_id is None else int(object_id)
@@ -286,9 +286,10 @@ class Session:
                 raise PromptError(f"object {oid} already exists")
             if not 0 < oid < 65536:
                 raise PromptError(f"object id {oid} is out of range 1..65535")
+            before, active_before = dict(self._objects), self.active_object
             self._objects[oid] = _Object()
-            self.active_object = oid
             self.log.events.append(PromptEvent("new_object", oid))
+            self._apply(oid, None, before, time.perf_counter(), active_before)  # undoable step
             return oid
 
     def set_mask(self, object_id: int, mask: np.ndarray) -> Edit:

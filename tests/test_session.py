@@ -191,3 +191,16 @@ def test_untrained_model_is_never_presented_as_a_model():
 
     _, name = load_predictor("untrained", "cpu")
     assert name.startswith("UNTRAINED") and "random weights" in name
+
+
+def test_new_object_is_undoable(tiny_model):
+    s = Session(tiny_model, device="cpu")
+    s.set_volume(_volume())
+    s.add_point((20, 20, 20))
+    first = s.label_map.copy()
+    assert s.new_object() == 2 and s.active_object == 2
+    s.undo()
+    assert s.objects == [1] and s.active_object == 1
+    assert np.array_equal(s.label_map, first)  # the click before it is untouched
+    s.redo()
+    assert s.objects == [1, 2] and s.active_object == 2
