@@ -39,11 +39,12 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a FastSAM3DError into one red line on stderr and exit code 1 (no traceback)."""
+def user_errors(*also: type[Exception]) -> Iterator[None]:
+    """Turn a FastSAM3DError (and the exception types in ``also``, e.g. ValueError for a bad
+    config override) into one red line on stderr and exit code 1 (no traceback)."""
     try:
         yield
-    except FastSAM3DError as err:
+    except (FastSAM3DError, *also) as err:
         console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_FAILED) from None
 

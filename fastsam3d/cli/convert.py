@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from fastsam3d.cli import app
+from fastsam3d.cli._common import user_errors
 
 console = Console(stderr=True)
 
@@ -29,16 +30,12 @@ def convert(
 ) -> None:
     """Convert CHECKPOINT to OUT.safetensors, with the architecture config in its metadata."""
     from fastsam3d.checkpoint import save_safetensors
-    from fastsam3d.errors import FastSAM3DError
     from fastsam3d.registry import build_model
 
-    try:
+    with user_errors(ValueError):
         model = build_model(arch, checkpoint=checkpoint, decoder_checkpoint=decoder_checkpoint)
         path = save_safetensors(
             model, out, dtype=dtype, overwrite=overwrite, metadata={"source": checkpoint.name}
         )
-    except (FastSAM3DError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
     n = sum(p.numel() for p in model.parameters())
     console.print(f"wrote {path} ({model.config.arch}, {n:,} parameters, {dtype})")

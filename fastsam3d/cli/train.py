@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fastsam3d.cli import app
+from fastsam3d.cli._common import user_errors
 from fastsam3d.errors import FastSAM3DError, OutputExistsError
 
 console = Console()
@@ -162,7 +163,7 @@ def train(
 
     from fastsam3d.registry import build_model
 
-    try:
+    with user_errors(ValueError):
         torch.manual_seed(seed)
         model = build_model(arch, **_overrides(set_))
         recipe = {"command": "train", "arch": arch, "overrides": _overrides(set_)}
@@ -170,9 +171,6 @@ def train(
             model, out, data, cases, save_cases, steps, batch_size, lr, max_minutes,
             schedule_minutes, rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
         )  # fmt: skip
-    except (FastSAM3DError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
 
 
 @app.command()
@@ -200,7 +198,7 @@ def finetune(
     from fastsam3d.registry import build_model
     from fastsam3d.weights import default_checkpoint
 
-    try:
+    with user_errors(ValueError):
         path = default_checkpoint() if from_ == "default" else Path(from_)
         if path is None:
             raise FastSAM3DError("no default weights are bundled; pass --from PATH")
@@ -210,9 +208,6 @@ def finetune(
             model, out, data, None, None, steps, batch_size, lr, max_minutes, schedule_minutes,
             rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
         )  # fmt: skip
-    except (FastSAM3DError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
 
 
 @app.command()
@@ -248,7 +243,7 @@ def distill(
     from fastsam3d.training.loop import BatchSource, LoopConfig, resolve_device, run
     from fastsam3d.training.synthetic import SyntheticConfig
 
-    try:
+    with user_errors(ValueError):
         _prepare_out(out, resume, overwrite)
         dev = resolve_device(device)
         torch.manual_seed(seed)
@@ -269,9 +264,6 @@ def distill(
         state = run(student_model, distiller.objective, source, cfg, out, extra=distiller,
                     resume=resume, console=console)  # fmt: skip
         console.print(f"done: step {state.get('step')}, student in {out / 'model.safetensors'}")
-    except (FastSAM3DError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
 
 
 @app.command()
