@@ -238,3 +238,21 @@ def test_cli_finetune_on_nifti_and_distill(tmp_path: Path) -> None:
     )  # fmt: skip
     assert distilled.exit_code == 0, distilled.output
     assert (tmp_path / "d" / "extra.safetensors").exists()
+
+
+def test_batches_carry_several_targets_per_image_and_reuse_a_pool() -> None:
+    source = BatchSource(3, torch.device("cpu"), seed=0, synthetic=SYN, targets_per_image=2,
+                         pool_size=5, refresh=1)  # fmt: skip
+    batch = source.next()
+    assert batch.image.shape == (3, 1, SIZE, SIZE, SIZE)
+    assert batch.target.shape == (6, 1, SIZE, SIZE, SIZE)
+    assert batch.image_index.tolist() == [0, 0, 1, 1, 2, 2]
+    assert bool(batch.target.flatten(1).any(1).all())  # every target is present
+    inside = (batch.first_click >= 0).all(1)
+    for t in inside.nonzero()[:, 0].tolist():  # given first clicks lie on their target
+        d, h, w = batch.first_click[t].tolist()
+        assert batch.target[t, 0, d, h, w]
+    model = _tiny()
+    loss, metrics = click_loss(model, batch, torch.Generator().manual_seed(0), rounds=2)
+    loss.backward()
+    assert torch.isfinite(loss) and "dice2" in metrics

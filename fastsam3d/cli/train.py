@@ -50,6 +50,13 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue a run found in --out.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Start afresh in an --out that holds a run.")]
 SaveEveryOpt = Annotated[int, typer.Option(help="Checkpoint every N steps.")]
+TargetsOpt = Annotated[
+    int, typer.Option(help="Objects trained per crop (one encoder pass serves them all).")
+]
+PoolOpt = Annotated[
+    int,
+    typer.Option(help="Synthetic volumes kept on the device and reused (0: generate every batch)."),
+]
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
@@ -103,6 +110,7 @@ def _cases(data: list[Path] | None, cases: Path | None, save_cases: Path | None,
 def _run_click_training(
     model, out, data, cases, save_cases, steps, batch_size, lr, max_minutes, schedule_minutes,
     rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe: dict[str, Any],
+    targets: int = 1, pool: int = 0,
 ) -> None:  # fmt: skip
     """Shared body of ``train`` and ``finetune``: the click loop on synthetic + real crops."""
     import torch
@@ -119,11 +127,12 @@ def _run_click_training(
         steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
         device=str(dev), save_every=save_every, schedule_minutes=schedule_minutes,
         extra={**recipe, "rounds": rounds, "box_prob": box_prob, "real_fraction": real_fraction,
+               "targets_per_image": targets, "pool": pool,
                "real_cases": [c.name for c in real or []]},
     )  # fmt: skip
     source = BatchSource(
         batch_size, dev, seed, real, real_fraction if real else 0.0,
-        SyntheticConfig(size=model.config.img_size),
+        SyntheticConfig(size=model.config.img_size), targets, pool,
     )  # fmt: skip
     gen = torch.Generator(device=dev).manual_seed(seed + 1)
 
@@ -157,6 +166,8 @@ def train(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     save_every: SaveEveryOpt = 250,
+    targets: TargetsOpt = 4,
+    pool: PoolOpt = 0,
 ) -> None:
     """Train a model from scratch with the interactive click loop (synthetic + real crops)."""
     import torch
@@ -170,6 +181,7 @@ def train(
         _run_click_training(
             model, out, data, cases, save_cases, steps, batch_size, lr, max_minutes,
             schedule_minutes, rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
+            targets, pool,
         )  # fmt: skip
 
 
@@ -193,6 +205,7 @@ def finetune(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     save_every: SaveEveryOpt = 100,
+    targets: TargetsOpt = 4,
 ) -> None:
     """Fine-tune a model on your own labelled volumes (some synthetic crops keep it general)."""
     from fastsam3d.registry import build_model
@@ -207,6 +220,7 @@ def finetune(
         _run_click_training(
             model, out, data, None, None, steps, batch_size, lr, max_minutes, schedule_minutes,
             rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
+            targets,
         )  # fmt: skip
 
 
@@ -234,6 +248,8 @@ def distill(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     save_every: SaveEveryOpt = 250,
+    targets: TargetsOpt = 4,
+    pool: PoolOpt = 0,
 ) -> None:
     """Distil a teacher's image encoder into a student (three schedules, see MODEL_CARD.md)."""
     import torch
@@ -259,7 +275,7 @@ def distill(
         )  # fmt: skip
         source = BatchSource(
             batch_size, dev, seed, real, real_fraction if real else 0.0,
-            SyntheticConfig(size=student_model.config.img_size),
+            SyntheticConfig(size=student_model.config.img_size), targets, pool,
         )  # fmt: skip
         state = run(student_model, distiller.objective, source, cfg, out, extra=distiller,
                     resume=resume, console=console)  # fmt: skip

@@ -37,22 +37,33 @@ from fastsam3d.errors import FastSAM3DError
 from fastsam3d.simulate import next_click
 from fastsam3d.training.data import Case, RealCropSampler
 from fastsam3d.training.losses import dice_ce_loss, iou_head_loss
-from fastsam3d.training.synthetic import SyntheticConfig, generate
+from fastsam3d.training.synthetic import SyntheticConfig, generate, pick_targets
 from fastsam3d.transforms import normalize_crop
 
 
 @dataclass
 class Batch:
-    """image (B, 1, S, S, S) normalised; target (B, 1, S, S, S) bool; first_click (B, 3) int64
-    crop voxel for the first positive click, or -1 where the click rule chooses it."""
+    """image (B, 1, S, S, S) normalised; target (T, 1, S, S, S) bool, one object per row;
+    image_index (T,) int64, the image each target lies in (the encoder runs once per image
+    and its embedding serves every target of that image, as SAM trains several masks per
+    image); first_click (T, 3) int64 crop voxel of the first positive click, or -1 where the
+    click rule chooses it."""
 
     image: Tensor
     target: Tensor
     first_click: Tensor
+    image_index: Tensor
 
 
 class BatchSource:
-    """Batches of synthetic volumes (GPU) mixed with real crops (``real_fraction`` of each)."""
+    """Batches of synthetic volumes (GPU) mixed with real crops (``real_fraction`` of each).
+
+    Every image carries ``targets_per_image`` targets: distinct structures of a synthetic
+    volume, or the real crop's object again with another first click. With ``pool_size`` > 0
+    synthetic volumes come from a pool kept on the device (each drawn one flipped and
+    transposed at random, with fresh targets and intensity jitter) of which ``refresh``
+    are regenerated every batch: the generator costs more than a training step on a GPU.
+    """
 
     def __init__(
         self,
@@ -62,6 +73,9 @@ class BatchSource:
         cases: list[Case] | None = None,
         real_fraction: float = 0.25,
         synthetic: SyntheticConfig | None = None,
+        targets_per_image: int = 1,
+        pool_size: int = 0,
+        refresh: int = 2,
     ) -> None:
         self.batch_size = batch_size
         self.device = device
@@ -69,39 +83,85 @@ class BatchSource:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.real = RealCropSampler(cases, seed=seed, size=self.synthetic.size) if cases else None
         self.n_real = round(batch_size * real_fraction) if cases else 0
+        self.targets = targets_per_image
+        self.refresh = refresh
+        self.pool: tuple[Tensor, Tensor] | None = None
+        if pool_size:
+            images, labels = zip(*(self._fresh(min(16, pool_size - i)) for i in range(0, pool_size, 16)))
+            self.pool = (torch.cat(images), torch.cat(labels))
+
+    def _fresh(self, n: int) -> tuple[Tensor, Tensor]:
+        """n newly generated volumes: normalised image (n, 1, S, S, S) and labels (n, S, S, S)."""
+        syn = generate(n, self.generator, self.synthetic)
+        return normalize_crop(syn.image).to(torch.float16), syn.labels
+
+    def _synthetic(self, n: int) -> tuple[Tensor, Tensor]:
+        """n synthetic volumes, fresh or drawn from the pool (see the class docstring)."""
+        if self.pool is None:
+            image, labels = self._fresh(n)
+            return image.float(), labels
+        gen, dev = self.generator, self.device
+        pool_image, pool_labels = self.pool
+        if self.refresh:
+            slots = torch.randint(len(pool_image), (self.refresh,), generator=gen, device=dev)
+            pool_image[slots], pool_labels[slots] = self._fresh(self.refresh)
+        pick = torch.randint(len(pool_image), (n,), generator=gen, device=dev)
+        flips = torch.rand((n, 3), generator=gen, device=dev) < 0.5
+        orders = torch.rand((n, 3), generator=gen, device=dev).argsort(dim=1).tolist()
+        images, labels = [], []
+        for i, (flip, order) in enumerate(zip(flips.tolist(), orders)):
+            dims = [d for d, f in enumerate(flip) if f]
+            lab = pool_labels[pick[i]].permute(order).flip(dims)
+            img = pool_image[pick[i], 0].permute(order).flip(dims)
+            images.append(img[None].float())
+            labels.append(lab)
+        return self._intensity_augment(torch.stack(images)), torch.stack(labels)
 
     def next(self) -> Batch:
-        """The next batch (synthetic first, then real)."""
-        n_syn = self.batch_size - self.n_real
+        """The next batch (synthetic images first, then real; targets grouped by image)."""
+        n_syn, k = self.batch_size - self.n_real, self.targets
         images, targets, clicks = [], [], []
         if n_syn:
-            syn = generate(n_syn, self.generator, self.synthetic)
-            target, click = self._centre_target(syn.labels, syn.target)
-            images.append(normalize_crop(syn.image))
-            targets.append(target)
-            clicks.append(click)
+            image, labels = self._synthetic(n_syn)
+            ids = pick_targets(
+                labels, self.synthetic.structures, self.synthetic.min_target_voxels,
+                self.generator, k,
+            )  # fmt: skip
+            target = labels[:, None] == ids.view(n_syn, k, 1, 1, 1).to(labels.dtype)
+            target, click = self._centre_target(labels, target)
+            images.append(image)
+            targets.append(target.reshape(n_syn * k, 1, *target.shape[2:]))
+            clicks.append(click.reshape(n_syn * k, 3))
         if self.n_real:
             image, target, click = self.real.sample(self.n_real)
             images.append(self._intensity_augment(normalize_crop(image)))
-            targets.append(target)
-            clicks.append(click)
-        return Batch(torch.cat(images), torch.cat(targets), torch.cat(clicks))
+            targets.append(target.repeat_interleave(k, dim=0))
+            # The crop's own click first, random clicks inside the object for the others.
+            click = click[:, None].repeat(1, k, 1)
+            click[:, 1:] = -1
+            clicks.append(click.reshape(-1, 3))
+        n_images = n_syn + self.n_real
+        index = torch.arange(n_images, device=self.device).repeat_interleave(k)
+        return Batch(torch.cat(images), torch.cat(targets), torch.cat(clicks), index)
 
     def _centre_target(self, labels: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """For half the volumes, make the structure under a voxel near the centre the target
-        and that voxel the first click, as when a Session centres its crop on the first click."""
-        b, s = labels.shape[0], labels.shape[-1]
+        """For half the volumes, make the structure under a voxel near the centre the first
+        target and that voxel its first click, as when a Session centres its crop on the first
+        click. ``target`` (B, K, S, S, S) bool; returns it and first clicks (B, K, 3)."""
+        b, k, s = labels.shape[0], target.shape[1], labels.shape[-1]
         gen, dev = self.generator, labels.device
         voxel = s // 2 + torch.randint(-6, 7, (b, 3), generator=gen, device=dev)
         value = labels[torch.arange(b, device=dev), voxel[:, 0], voxel[:, 1], voxel[:, 2]]
         use = (torch.rand((b,), generator=gen, device=dev) < 0.5) & (value > 0)
         centred = labels == value.view(b, 1, 1, 1)
-        target = torch.where(use.view(b, 1, 1, 1, 1), centred[:, None], target)
-        click = torch.where(use[:, None], voxel, torch.full_like(voxel, -1))
+        target = target.clone()
+        target[:, 0] = torch.where(use.view(b, 1, 1, 1), centred, target[:, 0])
+        click = torch.full((b, k, 3), -1, dtype=torch.long, device=dev)
+        click[:, 0] = torch.where(use[:, None], voxel, click[:, 0])
         return target, click
 
     def _intensity_augment(self, x: Tensor) -> Tensor:
-        """Random contrast scale, shift and Gaussian noise of normalised real crops."""
+        """Random contrast scale, shift and Gaussian noise of normalised crops."""
         b, gen, dev = x.shape[0], self.generator, x.device
         shape = (b, 1, 1, 1, 1)
         scale = 0.85 + 0.3 * torch.rand(shape, generator=gen, device=dev)
@@ -155,7 +215,8 @@ def click_loss(
     """
     image, target = batch.image, batch.target
     emb = model.image_encoder(image) if embedding is None else embedding
-    b, s = image.shape[0], image.shape[-1]
+    emb = emb[batch.image_index]
+    b, s = target.shape[0], image.shape[-1]
     low = model.config.low_res_size if model.config is not None else s // 4
     pe = model.prompt_encoder.get_dense_pe()
     mask_in = torch.zeros((b, 1, low, low, low), device=image.device)

@@ -213,7 +213,7 @@ def generate(
     image = image.masked_fill(cut[:, None], 0.0)
     labels = labels.masked_fill(cut, 0)
 
-    target_id = _pick_target(labels, k, cfg.min_target_voxels, gen)
+    target_id = pick_targets(labels, k, cfg.min_target_voxels, gen)[:, 0]
     target = (labels == target_id.view(batch, 1, 1, 1).to(labels.dtype))[:, None]
     return SyntheticBatch(image=image, target=target, labels=labels, target_id=target_id)
 
@@ -255,8 +255,12 @@ def _render(labels: Tensor, batch: int, cfg: SyntheticConfig, gen, device) -> Te
     return (image + shift) * scale
 
 
-def _pick_target(labels: Tensor, k: int, min_voxels: int, gen: torch.Generator) -> Tensor:
-    """Random present structure with at least ``min_voxels`` voxels (else the largest), (B,)."""
+def pick_targets(
+    labels: Tensor, k: int, min_voxels: int, gen: torch.Generator, count: int = 1
+) -> Tensor:
+    """``count`` distinct random structures per volume with at least ``min_voxels`` voxels,
+    (B, count) label values; where a volume has fewer, its first pick repeats (and with none,
+    the largest structure stands in)."""
     batch = labels.shape[0]
     counts = torch.zeros((batch, k + 1), dtype=torch.long, device=labels.device)
     counts.scatter_add_(
@@ -265,8 +269,10 @@ def _pick_target(labels: Tensor, k: int, min_voxels: int, gen: torch.Generator) 
     counts[:, 0] = 0
     valid = counts >= min_voxels
     scores = torch.rand(counts.shape, generator=gen, device=labels.device).masked_fill(~valid, -1.0)
-    pick = scores.argmax(dim=1)
-    return torch.where(valid.any(dim=1), pick, counts.argmax(dim=1))
+    top, picks = scores.topk(count, dim=1)
+    first = torch.where(valid.any(dim=1), picks[:, 0], counts.argmax(dim=1))
+    picks[:, 0] = first
+    return torch.where(top >= 0, picks, first[:, None])
 
 
 def validation_cases(
