@@ -27,7 +27,10 @@ Crop policy (how one model crop of 128^3 voxels at 1.5 mm = 192 mm covers any ob
    volume goes on, the session opens the neighbouring tile (shifted by 3/4 of a cube along that
    axis, so neighbours overlap by 32 voxels), prompted with the carried-over mask and a
    positive point inside the overlap, and repeats for the new tile: large organs (liver, lungs)
-   come out whole instead of cut by a straight seam. At most ``max_new_tiles`` tiles are opened
+   come out whole instead of cut by a straight seam. A grown tile is kept only if its mask
+   agrees with the carried-over mask where the two tiles overlap (Dice >= ``grow_agreement``
+   at low resolution): a neighbour that leaks into other tissue disagrees there and is dropped,
+   so one leak does not run on across the volume. At most ``max_new_tiles`` tiles are opened
    per interaction, which bounds the latency.
 5. Tiles are stitched on the native grid: each tile's logits are mapped back (trilinear, on the
    logits) and, where tiles overlap, the most recently predicted tile wins.
@@ -164,6 +167,7 @@ class Session:
     """
 
     margin = 8  # crop voxels: a click closer than this to a tile face opens a new tile
+    grow_agreement = 0.5  # overlap Dice a grown tile needs with the tile it grew from
     snap_mm = 12.0
 
     def __init__(
@@ -469,21 +473,24 @@ class Session:
         known = [t.grid for t in obj.tiles] + [t.grid for t in tiles]
         while queue and len(tiles) < self.max_new_tiles + 1:
             tile = queue.pop(0)
-            for grid, point, carried in self._neighbours(tile):
+            for grid, point, carried, overlap in self._neighbours(tile):
                 if any(g.contains(grid.center_ras, self.margin) for g in known):
                     continue
                 if len(tiles) >= self.max_new_tiles + 1:
                     break
                 seed = replace(obj, clicks=((tuple(point), True),), box=None)
                 new_tile, _ = self._predict(grid, seed, carried)
-                tiles.append(new_tile)
                 known.append(grid)
+                if _overlap_dice(new_tile.logits, carried, overlap) < self.grow_agreement:
+                    continue
+                tiles.append(new_tile)
                 queue.append(new_tile)
         return tiles
 
     def _neighbours(self, tile: _Tile):
         """For each face the tile's mask touches with volume beyond: (grid, seed point RAS,
-        carried low-res mask prompt)."""
+        carried low-res mask prompt, the overlap as (axis, start, length) in the new tile's
+        low-res voxels)."""
         grid = tile.grid
         size = grid.size
         mask = upsample_logits(tile.logits)[0, 0] > 0
@@ -516,8 +523,9 @@ class Session:
                 seed = idx[np.argmin(np.linalg.norm(idx - idx.mean(0), axis=1))]
                 carried = torch.zeros_like(tile.logits)
                 src = tile.logits.narrow(axis + 2, step_low if side > 0 else 0, low - step_low)
-                carried.narrow(axis + 2, 0 if side > 0 else step_low, low - step_low).copy_(src)
-                yield new_grid, grid.crop_to_ras(seed), carried
+                overlap = (axis, 0 if side > 0 else step_low, low - step_low)
+                carried.narrow(axis + 2, overlap[1], overlap[2]).copy_(src)
+                yield new_grid, grid.crop_to_ras(seed), carried, overlap
 
     def _commit(
         self, oid: int, obj: _Object, new_tiles: list[_Tile], before: dict[int, _Object], t0: float, iou: float
@@ -598,3 +606,12 @@ def _union_box(boxes) -> tuple[np.ndarray, np.ndarray] | None:
     if not boxes:
         return None
     return np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0)
+
+
+def _overlap_dice(logits: torch.Tensor, carried: torch.Tensor, overlap: tuple[int, int, int]) -> float:
+    """Dice of two low-res masks (logits > 0) inside the overlap slab (axis, start, length)."""
+    axis, start, length = overlap
+    a = logits.narrow(axis + 2, start, length) > 0
+    b = carried.narrow(axis + 2, start, length) > 0
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * int((a & b).sum()) / total if total else 1.0

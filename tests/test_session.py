@@ -110,6 +110,16 @@ def test_large_object_is_tiled_and_stitched_without_seams():
     assert (s.label_map == 1).all()
 
 
+def test_a_grown_tile_must_agree_with_its_parent_in_the_overlap():
+    vol = _volume(shape=(200, 30, 30), spacing=1.5)
+    s = Session(_constant_model(+1.0), device="cpu")
+    s.grow_agreement = 1.01  # no neighbour can agree this well: none is kept
+    s.set_volume(vol)
+    edit = s.add_point((100, 15, 15))
+    assert edit.tiles == 1
+    assert not (s.label_map == 1).all()  # the object stays cut at the one crop
+
+
 def test_tiling_is_bounded():
     vol = _volume(shape=(400, 30, 30), spacing=1.5)  # 600 mm
     s = Session(_constant_model(+1.0), device="cpu", max_new_tiles=1)
