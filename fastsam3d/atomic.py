@@ -26,8 +26,9 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
         yield tmp
+        # After the write: some writers (safetensors) replace the file, making it owner-only.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

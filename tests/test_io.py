@@ -466,3 +466,18 @@ def test_written_mask_has_ordinary_permissions(tmp_path):
     os.umask(umask)
     path = save_mask(label, volume, tmp_path / "mask.nii.gz")
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_saved_checkpoint_has_ordinary_permissions(tmp_path):
+    """safetensors replaces the temp file it writes to; the result must still follow the umask."""
+    import os
+
+    from fastsam3d.checkpoint import save_safetensors
+    from fastsam3d.registry import build_model
+
+    model = build_model("fastsam3d_dilated", img_size=32, embed_dim=32, num_heads=2, depth=3,
+                        out_chans=32, prompt_embed_dim=32, sparse_group=2)  # fmt: skip
+    umask = os.umask(0)
+    os.umask(umask)
+    path = save_safetensors(model, tmp_path / "m.safetensors")
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask

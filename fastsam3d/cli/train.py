@@ -187,8 +187,9 @@ def train(
 
 @app.command()
 def finetune(
-    data: Annotated[list[Path], typer.Option("--data", help="Folder of labelled NIfTI volumes.")],
     out: OutOpt,
+    data: DataOpt = None,
+    cases: CasesOpt = None,
     from_: Annotated[
         str, typer.Option("--from", help="'default' (bundled weights) or a checkpoint path.")
     ] = "default",
@@ -206,21 +207,25 @@ def finetune(
     overwrite: OverwriteOpt = False,
     save_every: SaveEveryOpt = 100,
     targets: TargetsOpt = 4,
+    pool: PoolOpt = 0,
 ) -> None:
-    """Fine-tune a model on your own labelled volumes (some synthetic crops keep it general)."""
+    """Fine-tune a model on your own labelled volumes (some synthetic crops keep it general),
+    or continue training a checkpoint (--from PATH, with --cases prepared by `train --save-cases`)."""
     from fastsam3d.registry import build_model
     from fastsam3d.weights import default_checkpoint
 
     with user_errors(ValueError):
+        if not data and cases is None:
+            raise FastSAM3DError("finetune needs labelled volumes: --data DIR or --cases FILE")
         path = default_checkpoint() if from_ == "default" else Path(from_)
         if path is None:
             raise FastSAM3DError("no default weights are bundled; pass --from PATH")
         model = build_model(checkpoint=path)
         recipe = {"command": "finetune", "from": str(path)}
         _run_click_training(
-            model, out, data, None, None, steps, batch_size, lr, max_minutes, schedule_minutes,
+            model, out, data, cases, None, steps, batch_size, lr, max_minutes, schedule_minutes,
             rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
-            targets,
+            targets, pool,
         )  # fmt: skip
 
 
