@@ -7,9 +7,10 @@ the finished file gets the usual permissions (``mkstemp`` alone would make it ow
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 _UMASK = os.umask(0)  # read once at import (single-threaded), then restored
@@ -32,3 +33,19 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def write_csv(path: Path, rows: Iterable[Mapping], fieldnames: Iterable[str]) -> Path:
+    """Write ``rows`` (dicts) as CSV with a header, atomically."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(fieldnames))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastsam3d import geometry
+from fastsam3d.atomic import write_csv, write_text
 from fastsam3d.errors import FastSAM3DError, PromptError, VolumeError
 from fastsam3d.geometry import COORDS
 from fastsam3d.prompts import PromptLog
@@ -457,15 +458,8 @@ def write_summary(results: list[CaseResult], output_dir: str | Path) -> tuple[Pa
     out.mkdir(parents=True, exist_ok=True)
     rows = [asdict(r) for r in results]
     csv_path, json_path = out / "summary.csv", out / "summary.json"
-    tmp = csv_path.with_name(".summary.csv.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(csv_path)
+    write_csv(csv_path, rows, SUMMARY_FIELDS)
     ok = sum(r.status in ("ok", "skipped") for r in results)
     payload = {"cases": rows, "ok": ok, "failed": len(results) - ok}
-    tmp = json_path.with_name(".summary.json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(json_path)
+    write_text(json_path, json.dumps(payload, indent=1))
     return csv_path, json_path

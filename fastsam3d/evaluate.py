@@ -24,7 +24,6 @@ is the box centre and growth stays inside the box.
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fastsam3d.atomic import atomic_path, write_csv
 from fastsam3d.errors import FastSAM3DError, OutputExistsError, VolumeError
 from fastsam3d.geometry import spacing as voxel_spacing
 from fastsam3d.simulate import next_click
@@ -382,20 +382,10 @@ def plot(rows: list[Row], path: Path, title: str = "") -> Path:
     ax.legend()
     ax.set_title(title or "Dice vs clicks")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)
     return path
-
-
-def _write_csv(rows: list[dict], path: Path, fieldnames: Iterable[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(fieldnames))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 REPORT_FILES = ("results.csv", "summary.csv", "dice_vs_clicks.png")
@@ -419,8 +409,8 @@ def write_report(
             "nothing to report: no label of the chosen ids is present in the labels"
         )
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv([asdict(r) for r in rows], paths["results.csv"], ROW_FIELDS)
+    write_csv(paths["results.csv"], [asdict(r) for r in rows], ROW_FIELDS)
     summary = summarize(rows, per_label=True)
-    _write_csv(summary, paths["summary.csv"], summary[0].keys())
+    write_csv(paths["summary.csv"], summary, summary[0].keys())
     plot(rows, paths["dice_vs_clicks.png"], title)
     return paths

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fastsam3d.atomic import write_text
 from fastsam3d.errors import PromptError
 
 OPS = ("point", "box", "new_object", "set_mask", "undo", "redo", "reset", "clear")
@@ -95,11 +96,7 @@ class PromptLog:
 
     def save(self, path: str | Path) -> Path:
         """Write as JSON atomically (temp file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        return write_text(Path(path), json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> PromptLog:

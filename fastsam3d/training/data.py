@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastsam3d.atomic import atomic_path
 from fastsam3d.errors import FastSAM3DError
 from fastsam3d.transforms import CROP_SIZE, MODEL_SPACING_MM, CropGrid, sample_crop
 
@@ -148,9 +149,8 @@ def save_cases(cases: list[Case], path: str | Path) -> Path:
         for value, idx in c.objects.items():
             tensors[f"{i}.obj{value}"] = idx.to(torch.int32).contiguous()
         meta.append({"name": c.name, "objects": sorted(c.objects)})
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={"cases": json.dumps(meta)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"cases": json.dumps(meta)})
     return path
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastsam3d.atomic import atomic_path, write_text
 from fastsam3d.errors import FastSAM3DError
 from fastsam3d.simulate import next_click
 from fastsam3d.training.data import Case, RealCropSampler
@@ -87,7 +88,9 @@ class BatchSource:
         self.refresh = refresh
         self.pool: tuple[Tensor, Tensor] | None = None
         if pool_size:
-            images, labels = zip(*(self._fresh(min(16, pool_size - i)) for i in range(0, pool_size, 16)))
+            images, labels = zip(
+                *(self._fresh(min(16, pool_size - i)) for i in range(0, pool_size, 16))
+            )
             self.pool = (torch.cat(images), torch.cat(labels))
 
     def _fresh(self, n: int) -> tuple[Tensor, Tensor]:
@@ -302,15 +305,11 @@ def _save_state(
 
     save_safetensors(model, out / "model.safetensors", overwrite=True)
     if extra is not None and len(extra.state_dict()):
-        tmp = out / "extra.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in extra.state_dict().items()}, str(tmp))
-        tmp.replace(out / "extra.safetensors")
-    tmp = out / "optimizer.pt.tmp"
-    torch.save(opt.state_dict(), tmp)
-    tmp.replace(out / "optimizer.pt")
-    tmp = out / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(out / "state.json")
+        with atomic_path(out / "extra.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in extra.state_dict().items()}, str(tmp))
+    with atomic_path(out / "optimizer.pt") as tmp:
+        torch.save(opt.state_dict(), tmp)
+    write_text(out / "state.json", json.dumps(state, indent=1))
 
 
 def _load_state(
