@@ -19,3 +19,7 @@ class PromptError(FastSAM3DError):
 
 class OutputExistsError(FastSAM3DError):
     """Refusing to overwrite an existing output without ``overwrite=True``."""
+
+
+class DownloadError(FastSAM3DError):
+    """A checkpoint could not be fetched, is not in the cache, or failed its checksum."""

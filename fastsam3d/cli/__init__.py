@@ -26,6 +26,7 @@ from fastsam3d.cli import train  # noqa: E402,F401
 from fastsam3d.cli import serve  # noqa: E402,F401
 from fastsam3d.cli import bench  # noqa: E402,F401
 from fastsam3d.cli import export  # noqa: E402,F401
+from fastsam3d.cli import download  # noqa: E402,F401
 
 
 def main() -> None:

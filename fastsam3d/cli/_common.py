@@ -12,6 +12,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from fastsam3d.errors import FastSAM3DError
 
@@ -41,11 +42,12 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 @contextlib.contextmanager
 def user_errors(*also: type[Exception]) -> Iterator[None]:
     """Turn a FastSAM3DError (and the exception types in ``also``, e.g. ValueError for a bad
-    config override) into one red line on stderr and exit code 1 (no traceback)."""
+    config override) into one red line on stderr and exit code 1 (no traceback). The message is
+    printed as it is: brackets in it (``pip install 'fastsam3d[download]'``) are not rich markup."""
     try:
         yield
     except (FastSAM3DError, *also) as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_FAILED) from None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -288,10 +289,17 @@ def distill(
 
 
 @app.command()
-def models() -> None:
-    """List the bundled default model, the architectures and known official checkpoints."""
+def models(
+    cache: Annotated[
+        Path | None,
+        typer.Option(help="Cache folder `fastsam3d download` used (default: as it does)."),
+    ] = None,
+) -> None:
+    """List the bundled default model, the architectures and known official checkpoints (with
+    their cached downloads)."""
     from fastsam3d.registry import list_architectures
     from fastsam3d.weights import KNOWN_CHECKPOINTS, default_checkpoint
+    from fastsam3d.weights.hub import cached_path
 
     table = Table(title="bundled")
     for col in ("name", "file", "size", "architecture"):
@@ -312,9 +320,17 @@ def models() -> None:
     for name, text in list_architectures():
         archs.add_row(name, text)
     console.print(archs)
-    known = Table(title="official checkpoints (download yourself, then --model PATH)")
-    for col in ("name", "architecture", "source", "note"):
-        known.add_column(col)
+    known = Table(title="official checkpoints (fastsam3d download NAME, then --model PATH)")
+    known.add_column("name", no_wrap=True)
+    known.add_column("architecture")
+    known.add_column("Hugging Face file", overflow="fold")
+    known.add_column("cached")
+    known.add_column("note")
+    cached = {k.name: cached_path(k, cache) for k in KNOWN_CHECKPOINTS}
     for k in KNOWN_CHECKPOINTS:
-        known.add_row(k.name, k.arch, k.source, k.note)
+        where = f"{k.repo_id}/{k.filename}"
+        known.add_row(k.name, k.arch, where, "yes" if cached[k.name] else "no", k.note)
     console.print(known)
+    for name, path in cached.items():
+        if path is not None:
+            console.print(f"{name}: --model {shlex.quote(str(path))}", markup=False, soft_wrap=True)
