@@ -324,6 +324,42 @@ def native_mask_to_crop_logits(
     return (frac * 2.0 - 1.0) * scale
 
 
+def _native_axis_maps(
+    native_to_crop: np.ndarray,
+    axes: tuple[int, int, int],
+    box: tuple[int, int, int],
+    size: int,
+    low: int,
+) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    """Per native axis p of an axis-aligned box: the crop axis it runs along, the (box[p], low)
+    matrix that composes the optional upsampling low -> ``size`` (align_corners=False, as
+    ``F.interpolate``) with the border-clamped linear sampling of the full-resolution crop (as
+    ``grid_sample(..., "border", align_corners=True)``), and which rows lie inside the cube
+    (within half a crop voxel of its outer voxel centres)."""
+    up = np.eye(size)
+    if low != size:  # full-res voxel u reads low-res position (u + 0.5) * low / size - 0.5
+        src = np.maximum((np.arange(size) + 0.5) * low / size - 0.5, 0.0)
+        up = _linear_taps(src, low, border=True)
+    inv = [axes.index(p) for p in range(3)]  # crop axis that native axis p runs along
+    mats, inside = [], []
+    for p in range(3):
+        a = inv[p]
+        coord = native_to_crop[a, p] * np.arange(box[p], dtype=np.float64) + native_to_crop[a, 3]
+        mats.append(_linear_taps(coord, size, border=True) @ up)
+        inside.append((coord >= -0.5) & (coord <= size - 0.5))
+    return inv, mats, inside
+
+
+def _inside_tensor(inside: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """(n0, n1, n2) bool tensor, the outer product of three per-axis bool vectors, each True
+    on one contiguous run (the crop's extent along a monotone axis map): a filled sub-box."""
+    out = torch.zeros(tuple(len(ok) for ok in inside), dtype=torch.bool, device=device)
+    runs = [np.flatnonzero(ok) for ok in inside]
+    if all(len(r) for r in runs):
+        out[tuple(slice(int(r[0]), int(r[-1]) + 1) for r in runs)] = True
+    return out
+
+
 def _separable_to_native(
     logits: torch.Tensor,
     native_to_crop: np.ndarray,
@@ -333,24 +369,50 @@ def _separable_to_native(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Axis-aligned case of :func:`crop_logits_to_native`: (values, inside) over ``box``.
 
-    Per native axis one (n_native, S) matrix composes the optional upsampling S -> ``size``
-    (align_corners=False, as ``F.interpolate``) with the border-clamped linear sampling of the
-    full-resolution crop (as ``grid_sample(..., "border", align_corners=True)``), so the result
-    equals upsample + grid_sample without ever forming the 128^3 logits or a sampling grid.
+    One (n_native, S) matrix per axis (:func:`_native_axis_maps`), so the result equals
+    upsample + grid_sample without ever forming the 128^3 logits or a sampling grid.
     """
-    low = logits.shape[-1]
-    up = np.eye(size)
-    if low != size:  # full-res voxel u reads low-res position (u + 0.5) * low / size - 0.5
-        src = np.maximum((np.arange(size) + 0.5) * low / size - 0.5, 0.0)
-        up = _linear_taps(src, low, border=True)
-    inv = [axes.index(p) for p in range(3)]  # crop axis that native axis p runs along
+    inv, mats, inside = _native_axis_maps(native_to_crop, axes, box, size, logits.shape[-1])
     x = logits.permute(*inv)
-    inside = []
     for p in range(3):
-        a = inv[p]
-        coord = native_to_crop[a, p] * np.arange(box[p], dtype=np.float64) + native_to_crop[a, 3]
-        x = _apply_axis(x, p, _linear_taps(coord, size, border=True) @ up)
-        # inside the cube = within half a crop voxel of its outer voxel centres
-        ok = torch.as_tensor((coord >= -0.5) & (coord <= size - 0.5), device=logits.device)
-        inside.append(ok.reshape([-1 if q == p else 1 for q in range(3)]))
-    return x.contiguous(), inside[0] & inside[1] & inside[2]
+        x = _apply_axis(x, p, mats[p])
+    return x.contiguous(), _inside_tensor(inside, logits.device)
+
+
+def crop_mask_to_native(
+    logits: torch.Tensor, grid: CropGrid, affine: np.ndarray, shape: tuple[int, ...]
+) -> tuple[tuple[slice, slice, slice], torch.Tensor, torch.Tensor]:
+    """``crop_logits_to_native`` thresholded at 0: ``(bbox, mask, inside)``, the same voxels.
+
+    Faster for an axis-aligned crop: every native value is a convex combination (linear taps
+    of linear taps) of the low-res logits, so it can only be > 0 where its taps reach a
+    positive low-res voxel. The interpolation runs only over the native sub-box those taps
+    reach; the rest of the box is False without being computed (a refinement click on a
+    512 x 512 x 300 CT maps the object's extent, not the whole 270 x 270 x 190 tile).
+    """
+    lo, hi = native_bbox(grid, affine, shape)
+    box = tuple(int(h - l) for l, h in zip(lo, hi))
+    bbox = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
+    native_to_crop = np.linalg.inv(grid.affine) @ affine
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    axes = _axis_permutation(native_to_crop[:3, :3])
+    if min(box) <= 0 or axes is None:
+        bbox, values, inside = crop_logits_to_native(logits, grid, affine, shape)
+        return bbox, values > 0, inside
+    x = logits[0, 0].float()
+    inv, mats, inside = _native_axis_maps(native_to_crop @ shift, axes, box, grid.size, x.shape[-1])
+    x = x.permute(*inv)
+    mask = torch.zeros(box, dtype=torch.bool, device=x.device)
+    positive = (x > 0).nonzero()
+    if len(positive):
+        spans = []
+        for p in range(3):  # native rows whose taps reach the positive low-res range
+            a, b = int(positive[:, p].min()), int(positive[:, p].max()) + 1
+            rows = np.flatnonzero(np.abs(mats[p][:, a:b]).sum(1) > 0)
+            spans.append(slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) else slice(0, 0))
+        if all(sp.stop > sp.start for sp in spans):
+            for p in range(3):
+                x = _apply_axis(x, p, mats[p][spans[p]])
+            mask[tuple(spans)] = x > 0
+    return bbox, mask, _inside_tensor(inside, logits.device)

@@ -145,3 +145,25 @@ def test_bad_options_are_refused():
         Predictor(_small_model(), "cpu", dtype="fp8")
     with pytest.raises(ValueError, match="CUDA"):
         Predictor(_small_model(), "cpu", compile="cudagraphs")
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind", ["blob", "sparse", "none", "all"])
+def test_mask_mapping_skips_only_voxels_that_cannot_be_positive(seed, kind):
+    aff = _axis_aligned_affine(seed)
+    shape = (60, 50, 40)
+    center = (aff @ np.array([30, 25, 20, 1.0]))[:3]
+    grid = tr.CropGrid.around(center, spacing=1.5, size=32)
+    gen = torch.Generator().manual_seed(seed)
+    low = -1.0 - torch.rand(1, 1, 8, 8, 8, generator=gen)
+    if kind == "blob":
+        low[..., 2:5, 3:6, 1:4] = torch.randn(3, 3, 3, generator=gen) + 0.5
+    elif kind == "sparse":
+        low[..., 7, 0, 4] = 2.0
+    elif kind == "all":
+        low = torch.randn(1, 1, 8, 8, 8, generator=gen)
+    bbox, values, inside = tr.crop_logits_to_native(low, grid, aff, shape)
+    got_bbox, mask, got_inside = tr.crop_mask_to_native(low, grid, aff, shape)
+    assert got_bbox == bbox
+    assert torch.equal(got_inside, inside)
+    assert torch.equal(mask, values > 0)

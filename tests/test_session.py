@@ -214,3 +214,20 @@ def test_new_object_is_undoable(tiny_model):
     assert np.array_equal(s.label_map, first)  # the click before it is untouched
     s.redo()
     assert s.objects == [1, 2] and s.active_object == 2
+
+
+def test_an_edit_covers_exactly_the_voxels_that_changed(tiny_model):
+    s = Session(tiny_model, device="cpu")
+    s.set_volume(_volume())
+    s.add_point((20, 20, 20))
+    before = s.label_map.copy()
+    edit = s.add_point((12, 25, 18), positive=False)
+    diff = np.argwhere(before != s.label_map)
+    lo = np.array([sl.start for sl in edit.bbox])
+    hi = np.array([sl.stop for sl in edit.bbox])
+    if len(diff):
+        assert (diff.min(0) >= lo).all() and (diff.max(0) < hi).all()
+        # the box is the changed voxels' own box, not the whole tile
+        assert (lo == diff.min(0)).all() and (hi == diff.max(0) + 1).all()
+    else:
+        assert (hi - lo).prod() == 0
