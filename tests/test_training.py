@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fastsam3d.errors import FastSAM3DError
 from fastsam3d.registry import build_model
 from fastsam3d.training.distill import SCHEDULES, Distiller, layer_map, layer_weights
 from fastsam3d.training.loop import (
@@ -168,6 +169,24 @@ def test_distillation_lowers_the_feature_loss(schedule: str, tmp_path: Path) -> 
         loss, metrics = distiller.objective(held, 0.95)
         assert "dice2" in metrics and torch.isfinite(loss)
     assert (tmp_path / "extra.safetensors").exists()  # the width projections
+
+
+def test_decoupled_needs_the_teachers_exact_decoder() -> None:
+    """Decoupled never trains the prompt encoder / decoder: a student whose copy would differ
+    (here SAM-Med3D's duplicated sine and swapped PE axes, no box embeddings) is refused."""
+    torch.manual_seed(0)
+    teacher = build_model("sam_med3d", **{**TINY, "prompt_embed_dim": 48, "out_chans": 48})
+    student = _tiny(prompt_embed_dim=48, out_chans=48)
+    with pytest.raises(FastSAM3DError, match="duplicate_sine"):
+        Distiller(student, teacher, "decoupled")
+    Distiller(student, teacher, "progressive")  # the others fine-tune it end to end
+    matching = _tiny(prompt_embed_dim=48, out_chans=48, duplicate_sine=True, swap_pe_axes=True,
+                     num_point_embeddings=2)  # fmt: skip
+    Distiller(matching, teacher, "decoupled")
+    assert torch.equal(
+        matching.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix,
+        teacher.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix,
+    )
 
 
 def test_cli_train_and_models(tmp_path: Path) -> None:

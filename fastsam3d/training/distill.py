@@ -4,7 +4,8 @@ Three schedules, selectable and run on the same data and budget (``progress`` in
 from :func:`fastsam3d.training.loop.run`):
 
 * ``decoupled`` (MobileSAM): only the final image embedding is matched (MSE); the student keeps
-  the teacher's prompt encoder and mask decoder (copied when their sizes match). No click loop.
+  the teacher's prompt encoder and mask decoder, which must fit it exactly (same sizes and PE
+  switches), since nothing else ever trains them. No click loop.
 * ``progressive`` (FastSAM3D, layer-wise): student block ``i`` is matched to teacher block
   ``round((i + 1) * Lt / Ls) - 1``. During the first 60% of the run the matched layers are
   switched on one after another (layer 1 from the start, layer ``k`` from ``0.6 * (k - 1) / Ls``);
@@ -34,6 +35,8 @@ from fastsam3d.training.losses import feature_loss
 SCHEDULES = ("decoupled", "progressive", "dynamic")
 LAYER_PHASE = 0.6  # progressive: end of the layer-by-layer phase
 FINETUNE_FROM = 0.85  # progressive/dynamic: start of the end-to-end click-loop fine-tune
+# Config switches that change what the prompt encoder / decoder compute without changing shapes.
+DECODER_SWITCHES = ("swap_pe_axes", "duplicate_sine", "flash_decoder")
 
 
 def layer_map(student_depth: int, teacher_depth: int) -> list[int]:
@@ -95,17 +98,37 @@ class Distiller(nn.Module):
         s_out = student.mask_decoder.transformer_dim
         t_out = teacher.mask_decoder.transformer_dim
         self.embed_proj = nn.Identity() if s_out == t_out else nn.Conv3d(s_out, t_out, 1)
-        self._copy_decoder()
+        mismatch = self._copy_decoder()
+        if schedule == "decoupled" and mismatch:
+            raise FastSAM3DError(
+                "the decoupled schedule trains only the encoder and keeps the teacher's prompt "
+                "encoder and mask decoder, so the student's must match them exactly: "
+                + "; ".join(mismatch)
+                + " (set those student fields to the teacher's, or use another schedule)"
+            )
         self.generator: torch.Generator | None = None
 
-    def _copy_decoder(self) -> None:
-        """Start the student from the teacher's prompt encoder and mask decoder when they fit."""
+    def _copy_decoder(self) -> list[str]:
+        """Start the student from the teacher's prompt encoder and mask decoder when they fit;
+        returns why the student's would not compute the same function (empty: exact copy)."""
         student, teacher = self.student[0], self.teacher[0]
+        mismatch = []
         for name in ("prompt_encoder", "mask_decoder"):
             src = getattr(teacher, name).state_dict()
             dst = getattr(student, name).state_dict()
             if src.keys() <= dst.keys() and all(src[k].shape == dst[k].shape for k in src):
                 getattr(student, name).load_state_dict(src, strict=False)
+                if src.keys() != dst.keys():
+                    extra = ", ".join(sorted(dst.keys() - src.keys()))
+                    mismatch.append(f"the student's {name} has tensors the teacher lacks ({extra})")
+            else:
+                mismatch.append(f"{name} sizes differ")
+        for key in DECODER_SWITCHES:
+            s_val = getattr(student.config, key, None)
+            t_val = getattr(teacher.config, key, None)
+            if s_val != t_val:
+                mismatch.append(f"{key} is {s_val} in the student, {t_val} in the teacher")
+        return mismatch
 
     def objective(self, batch: Batch, progress: float) -> tuple[Tensor, dict[str, float]]:
         """Loss of one batch at ``progress`` (see module docstring)."""
