@@ -265,6 +265,22 @@ def upsample_logits(low_res: torch.Tensor, size: int = CROP_SIZE) -> torch.Tenso
     return F.interpolate(low_res, size=(size,) * 3, mode="trilinear", align_corners=False)
 
 
+def _native_frame(
+    grid: CropGrid, affine: np.ndarray, shape: tuple[int, ...]
+) -> tuple[
+    tuple[slice, slice, slice], tuple[int, int, int], np.ndarray, tuple[int, int, int] | None
+]:
+    """The native box a crop covers: its slices, its shape, the (4, 4) map from box voxels to
+    crop voxels, and that map's axis permutation (None when oblique)."""
+    lo, hi = native_bbox(grid, affine, shape)
+    box = tuple(int(h - l) for l, h in zip(lo, hi))
+    bbox = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    native_to_crop = np.linalg.inv(grid.affine) @ affine @ shift
+    return bbox, box, native_to_crop, _axis_permutation(native_to_crop[:3, :3])
+
+
 def crop_logits_to_native(
     logits: torch.Tensor, grid: CropGrid, affine: np.ndarray, shape: tuple[int, ...]
 ) -> tuple[tuple[slice, slice, slice], torch.Tensor, torch.Tensor]:
@@ -282,26 +298,18 @@ def crop_logits_to_native(
         ``(bbox, values, inside)``: the native box as slices, the logits sampled at its voxels
         (float32) and a bool tensor marking which of them lie inside the crop cube.
     """
-    lo, hi = native_bbox(grid, affine, shape)
-    box = tuple(int(h - l) for l, h in zip(lo, hi))
-    bbox = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
+    bbox, box, native_to_crop, axes = _native_frame(grid, affine, shape)
     if min(box) <= 0:
         empty = logits.new_zeros(box)
         return bbox, empty, empty.bool()
-    native_to_crop = np.linalg.inv(grid.affine) @ affine
-    shift = np.eye(4)
-    shift[:3, 3] = lo
-    axes = _axis_permutation(native_to_crop[:3, :3])
     if axes is not None:  # axis-aligned: 1D maps straight from the (low-res) logits
         return (
             bbox,
-            *_separable_to_native(
-                logits[0, 0].float(), native_to_crop @ shift, axes, box, grid.size
-            ),
+            *_separable_to_native(logits[0, 0].float(), native_to_crop, axes, box, grid.size),
         )
     if logits.shape[-1] != grid.size:
         logits = upsample_logits(logits, grid.size)
-    sampling = _sampling_grid(native_to_crop @ shift, box, (grid.size,) * 3, logits.device)
+    sampling = _sampling_grid(native_to_crop, box, (grid.size,) * 3, logits.device)
     values = F.grid_sample(
         logits.float(), sampling, mode="bilinear", padding_mode="border", align_corners=True
     )[0, 0]
@@ -390,18 +398,12 @@ def crop_mask_to_native(
     reach; the rest of the box is False without being computed (a refinement click on a
     512 x 512 x 300 CT maps the object's extent, not the whole 270 x 270 x 190 tile).
     """
-    lo, hi = native_bbox(grid, affine, shape)
-    box = tuple(int(h - l) for l, h in zip(lo, hi))
-    bbox = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
-    native_to_crop = np.linalg.inv(grid.affine) @ affine
-    shift = np.eye(4)
-    shift[:3, 3] = lo
-    axes = _axis_permutation(native_to_crop[:3, :3])
+    bbox, box, native_to_crop, axes = _native_frame(grid, affine, shape)
     if min(box) <= 0 or axes is None:
         bbox, values, inside = crop_logits_to_native(logits, grid, affine, shape)
         return bbox, values > 0, inside
     x = logits[0, 0].float()
-    inv, mats, inside = _native_axis_maps(native_to_crop @ shift, axes, box, grid.size, x.shape[-1])
+    inv, mats, inside = _native_axis_maps(native_to_crop, axes, box, grid.size, x.shape[-1])
     x = x.permute(*inv)
     mask = torch.zeros(box, dtype=torch.bool, device=x.device)
     positive = (x > 0).nonzero()
