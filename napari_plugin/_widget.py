@@ -51,6 +51,7 @@ from fastsam3d.errors import FastSAM3DError
 from fastsam3d.io.read import Volume, suffix_of
 from fastsam3d.io.write import save_mask
 from fastsam3d.session import Edit, Session
+from fastsam3d.weights import default_checkpoint
 from napari_plugin._layers import (
     file_stem,
     geometry_metadata,
@@ -187,7 +188,11 @@ class FastSAM3DWidget(Container):
         self.active_object = 1
 
         self._image_combo = ComboBox(label="Image", choices=self._image_choices)
-        self._model_combo = ComboBox(label="Model", choices=[DEFAULT_MODEL, CHECKPOINT])
+        # Offer the bundled default only where this installation has one (else a first click
+        # would fail with "no model is loaded"): without it the checkpoint field is the choice.
+        bundled = default_checkpoint() is not None
+        models = [DEFAULT_MODEL, CHECKPOINT] if bundled else [CHECKPOINT]
+        self._model_combo = ComboBox(label="Model", choices=models, value=models[0])
         self._checkpoint = FileEdit(
             label="Checkpoint", mode="r", filter="*.safetensors *.pth *.pt", visible=False
         )
@@ -217,7 +222,12 @@ class FastSAM3DWidget(Container):
         )
         self._save_btn = PushButton(text="Save now")
         self._progress = ProgressBar(label="", min=0, max=0, visible=False)
-        self._status = Label(label="Status", value="Choose an image and press Start.")
+        self._status = Label(
+            label="Status",
+            value="Choose an image and press Start."
+            if bundled
+            else "No model is bundled with this version:\nchoose a checkpoint file, then Start.",
+        )
         help_text = Label(
             label="",
             value=(
@@ -245,6 +255,7 @@ class FastSAM3DWidget(Container):
                 help_text,
             ]
         )
+        self._checkpoint.visible = not bundled  # once parented: never a window of its own
         self._model_combo.changed.connect(self._on_model_choice)
         self._start_btn.changed.connect(lambda *_: self.start())
         self._load_mask_btn.changed.connect(lambda *_: self.load_mask())
@@ -285,7 +296,7 @@ class FastSAM3DWidget(Container):
             return "default"
         path = str(self._checkpoint.value or "")
         if path in ("", "."):
-            raise FastSAM3DError("choose a checkpoint file (or the bundled default model)")
+            raise FastSAM3DError("choose a checkpoint file (.safetensors, .pth or .pt) first")
         return path
 
     # ------------------------------------------------------------------ start

@@ -3,13 +3,17 @@ widget in a real viewer (run under ``xvfb-run``; offscreen Qt cannot draw the 3D
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from fastsam3d.checkpoint import save_safetensors
 from fastsam3d.registry import build_model
 from fastsam3d.session import Session
+from napari_plugin._widget import CHECKPOINT
 
 #: a small random FastSAM3D (fast on 2 CPU cores); tests compare against a Session of the same
 #: model, not against anatomy
@@ -28,6 +32,24 @@ SMALL = {
 def small_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model("fastsam3d_dilated", **SMALL)
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(small_model, tmp_path_factory) -> Path:
+    """The small model as a checkpoint file: what a user picks in the widget when no default
+    model is bundled (the injected session factory then builds the same model)."""
+    return save_safetensors(small_model, tmp_path_factory.mktemp("model") / "small.safetensors")
+
+
+@pytest.fixture
+def choose_small_model(small_checkpoint):
+    """Pick the small model's file in a widget's Model controls, as a user does."""
+
+    def choose(widget) -> None:
+        widget._model_combo.value = CHECKPOINT
+        widget._checkpoint.value = small_checkpoint
+
+    return choose
 
 
 #: one model crop per click: tile growth is the session's business (tested there) and a random

@@ -89,7 +89,9 @@ def test_bad_file_is_a_notification(make_napari_viewer, tmp_path, content):
     assert any("broken.nii.gz" in m for m in messages), messages
 
 
-def test_widget_from_the_plugins_menu(make_napari_viewer, qtbot, session_factory, tmp_path):
+def test_widget_from_the_plugins_menu(
+    make_napari_viewer, qtbot, session_factory, choose_small_model, tmp_path
+):
     """As a user gets it: napari builds the widget (with its public-only viewer proxy)."""
     viewer = make_napari_viewer()
     viewer.open_sample("fastsam3d", "sample_ct")
@@ -97,6 +99,7 @@ def test_widget_from_the_plugins_menu(make_napari_viewer, qtbot, session_factory
     assert widget._image_combo.value.name == "sample CT"
     assert [name for name, _ in widget._mask_choices()] == ["sample reference"]
     widget.session_factory = session_factory
+    choose_small_model(widget)
     widget._save_to.value = tmp_path / "seg.nii.gz"
     widget.start()
     widget.add_point((40, 50, 60))

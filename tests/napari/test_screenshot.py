@@ -29,13 +29,14 @@ def segment_sample(viewer, widget, qtbot, organ: int = LIVER) -> tuple[np.ndarra
 
 
 def test_sample_segmentation_and_screenshot(
-    make_napari_viewer, qtbot, session_factory, make_session, tmp_path
+    make_napari_viewer, qtbot, session_factory, choose_small_model, make_session, tmp_path
 ):
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1400, 900)
     viewer.open(str(sample_path()), plugin="fastsam3d")
     widget = FastSAM3DWidget(viewer, session_factory=session_factory)
     viewer.window.add_dock_widget(widget, name="FastSAM3D", area="right")
+    choose_small_model(widget)
     widget._save_to.value = tmp_path / "sample_seg.nii.gz"
     widget.start()
     qtbot.waitUntil(lambda: widget._worker.pending == 0, timeout=60_000)

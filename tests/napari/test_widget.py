@@ -23,12 +23,15 @@ def _idle(qtbot, widget) -> None:
 
 
 @pytest.fixture
-def started(make_napari_viewer, qtbot, oblique_nifti, session_factory, tmp_path):
+def started(
+    make_napari_viewer, qtbot, oblique_nifti, session_factory, choose_small_model, tmp_path
+):
     """Viewer with the oblique phantom opened through our reader and the widget started."""
     viewer = make_napari_viewer(show=True)
     (image,) = viewer.open(str(oblique_nifti), plugin="fastsam3d")
     widget = FastSAM3DWidget(viewer, session_factory=session_factory)
     viewer.window.add_dock_widget(widget, name="FastSAM3D")
+    choose_small_model(widget)
     widget._save_to.value = tmp_path / "out" / "seg.nii.gz"
     widget.start()
     _idle(qtbot, widget)
@@ -255,3 +258,23 @@ def test_restart_while_busy_drops_stale_results(started, qtbot, make_session):
     reference.set_volume(widget._volume)
     reference.add_point((30, 28, 20))
     np.testing.assert_array_equal(widget.labels_layer.data, reference.label_map)
+
+
+def test_without_bundled_weights_the_checkpoint_is_the_choice(
+    make_napari_viewer, qtbot, oblique_nifti, monkeypatch
+):
+    """An installation without default weights offers only a checkpoint file and says so;
+    Start without one is a readable notification, not a dead session."""
+    monkeypatch.setattr("napari_plugin._widget.default_checkpoint", lambda: None)
+    viewer = make_napari_viewer(show=True)  # visibility is the drawn widget's
+    viewer.open(str(oblique_nifti), plugin="fastsam3d")
+    widget = FastSAM3DWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert list(widget._model_combo.choices) == ["checkpoint file"]
+    qtbot.waitUntil(lambda: widget._checkpoint.visible, timeout=WAIT)
+    assert "No model is bundled" in widget._status.value
+    seen = len(notification_manager.records)
+    widget.start()
+    messages = [str(n.message) for n in notification_manager.records[seen:]]
+    assert any("choose a checkpoint file" in m for m in messages), messages
+    assert widget.prompts_layer is None
