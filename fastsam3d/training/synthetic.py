@@ -32,7 +32,7 @@ class SyntheticConfig:
     """Knobs of the generator (voxel units of the generated cube)."""
 
     size: int = 128
-    structures: int = 9  # slots per volume; each is present with probability ``presence``
+    structures: int = 14  # slots per volume; each is present with probability ``presence``
     presence: float = 0.85
     tube_fraction: float = 0.15
     min_radius: float = 2.5
@@ -40,6 +40,7 @@ class SyntheticConfig:
     min_target_voxels: int = 300
     deform_voxels: float = 8.0  # max amplitude of the smooth coordinate deformation
     tube_samples: int = 12
+    ct_fraction: float = 0.5  # share of volumes rendered with a CT-like dynamic range
 
 
 @dataclass
@@ -219,20 +220,48 @@ def generate(
 
 
 def _render(labels: Tensor, batch: int, cfg: SyntheticConfig, gen, device) -> Tensor:
-    """Intensities for a label map: contrast, texture, partial volume, bias, noise, gamma."""
+    """Intensities for a label map: contrast, texture, partial volume, bias, noise, gamma.
+
+    Two intensity models, mixed per volume. *Generic*: each structure a random level in [0, 1]
+    with offsets that put some of the volume at or below zero. *CT-like* (``ct_fraction``): an
+    HU-shaped dynamic range in units of 1000 HU + 1, where most structures sit in a narrow
+    soft-tissue band just above water, a few are bright (bone, contrast) or dark (fat, lung),
+    the background is often air, and zero lies near water. After the official z-score over
+    voxels > 0 this gives what real CT crops give: air at -10 to -20, organ-to-organ contrast
+    of a few tenths, so the model must read small relative contrast, not absolute levels.
+    """
     s, k = cfg.size, cfg.structures
-    means = torch.rand((batch, k + 1), generator=gen, device=device)
+
+    def rand(shape: tuple[int, ...]) -> Tensor:
+        return torch.rand(shape, generator=gen, device=device)
+
+    means = rand((batch, k + 1))
     # Low-contrast neighbours: some structures copy an earlier one's intensity, nearly.
-    similar = torch.rand((batch, k + 1), generator=gen, device=device) < 0.3
+    similar = rand((batch, k + 1)) < 0.3
     for i in range(1, k + 1):
-        src = (torch.rand((batch,), generator=gen, device=device) * i).long()
-        near = means[torch.arange(batch, device=device), src] + 0.06 * torch.randn(
-            (batch,), generator=gen, device=device
+        src = (rand((batch,)) * i).long()
+        sign = torch.where(rand((batch,)) < 0.5, -1.0, 1.0)
+        near = means[torch.arange(batch, device=device), src] + sign * _uniform(
+            (batch,), 0.04, 0.12, gen, device
         )
         means[:, i] = torch.where(similar[:, i], near, means[:, i])
-    air = torch.rand((batch,), generator=gen, device=device) < 0.3
+    air = rand((batch,)) < 0.3
     means[:, 0] = torch.where(air, torch.zeros_like(means[:, 0]), means[:, 0])
-    tex_amp = _uniform((batch, k + 1), 0.0, 0.12, gen, device)
+
+    ct = rand((batch, 1)) < cfg.ct_fraction
+    band = _uniform((batch, 1), math.log(0.02), math.log(0.25), gen, device).exp()
+    ct_means = 1.0 + band * means  # soft tissue: water + 0..band (the generic levels, squeezed)
+    kind = rand((batch, k + 1))
+    ct_means = torch.where(kind < 0.15, _uniform((batch, k + 1), 1.15, 2.5, gen, device), ct_means)
+    ct_means = torch.where(
+        (kind >= 0.15) & (kind < 0.25), _uniform((batch, k + 1), 0.05, 0.95, gen, device), ct_means
+    )
+    ct_air = rand((batch,)) < 0.7
+    ct_means[:, 0] = torch.where(ct_air, torch.zeros_like(ct_means[:, 0]), ct_means[:, 0])
+    means = torch.where(ct, ct_means, means)
+    # Texture and noise are relative to the contrast range: the band's width in CT mode.
+    rel = torch.where(ct, band * _uniform((batch, 1), 0.5, 3.0, gen, device), torch.ones_like(band))
+    tex_amp = _uniform((batch, k + 1), 0.0, 0.12, gen, device) * rel
     lab = labels.long().view(batch, -1)
     mean_img = means.gather(1, lab).view(batch, 1, s, s, s)
     amp_img = tex_amp.gather(1, lab).view(batch, 1, s, s, s)
@@ -241,16 +270,23 @@ def _render(labels: Tensor, batch: int, cfg: SyntheticConfig, gen, device) -> Te
     )
     image = mean_img + amp_img * texture
     image = _gaussian_blur(image, _uniform((batch,), 0.3, 1.3, gen, device))
+    rel5 = rel.view(batch, 1, 1, 1, 1)
+    ct5 = ct.view(batch, 1, 1, 1, 1)
     bias = _smooth_field(batch, 1, 3, s, gen, device) * _uniform(
         (batch, 1, 1, 1, 1), 0, 0.3, gen, device
     )
-    image = image * bias.exp()
-    noise = _uniform((batch, 1, 1, 1, 1), 0.005, 0.08, gen, device)
+    image = image * torch.where(ct5, 1.0 + bias * 0.1 * rel5, bias.exp())  # CT: no real bias field
+    noise = _uniform((batch, 1, 1, 1, 1), 0.005, 0.05, gen, device) * rel5
     image = image + noise * torch.randn(image.shape, generator=gen, device=device)
     gamma = _uniform((batch, 1, 1, 1, 1), math.log(0.6), math.log(1.7), gen, device).exp()
-    image = image.clamp_min(0).pow(gamma)
-    # CT-like offsets push part of the volume to <= 0, which the z-score ignores (SPEC §9).
-    shift = _uniform((batch, 1, 1, 1, 1), -0.25, 0.05, gen, device)
+    image = image.clamp_min(0).pow(torch.where(ct5, torch.ones_like(gamma), gamma))
+    # Offsets push part of the volume to <= 0, which the z-score ignores (SPEC §9): a little of
+    # the generic range, or (CT) zero near water so fat and air fall below it.
+    shift = torch.where(
+        ct5,
+        -_uniform((batch, 1, 1, 1, 1), 0.6, 1.02, gen, device),
+        _uniform((batch, 1, 1, 1, 1), -0.25, 0.05, gen, device),
+    )
     scale = _uniform((batch, 1, 1, 1, 1), 0.5, 1000.0, gen, device)
     return (image + shift) * scale
 
