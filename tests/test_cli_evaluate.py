@@ -142,3 +142,16 @@ def test_evaluate_cli_csv_png_baseline(tmp_path: Path):
     assert (out / "dice_vs_clicks.png").stat().st_size > 1000
     table = run_cli("evaluate", image, label, "-o", out, "--model", model)
     assert table.returncode == 1 and "already exists" in table.stderr
+
+
+def test_evaluate_cli_single_crop_option(tmp_path: Path):
+    """--max-tiles 0 measures the model on one crop per click; a negative count is refused."""
+    image, label = write_phantom(tmp_path, "ph")
+    model = tiny_model_file(tmp_path)
+    common = ("--clicks", "1", "--labels", "1", "--model", model, "--no-box", "--no-baseline")
+    run = run_cli("evaluate", image, label, "-o", tmp_path / "r0", "--max-tiles", "0", *common)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "r0" / "results.csv").exists()
+    bad = run_cli("evaluate", image, label, "-o", tmp_path / "r1", "--max-tiles", "-1", *common)
+    assert bad.returncode == 1 and "--max-tiles must be 0 or more" in bad.stderr
+    assert not (tmp_path / "r1").exists()

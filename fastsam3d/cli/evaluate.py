@@ -64,6 +64,13 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the simulated clicks.")] = 2023,
     tolerance: Annotated[float, typer.Option(help="Surface Dice tolerance in mm.")] = 2.0,
     baseline: Annotated[bool, typer.Option(help="Run the region-growing baseline too.")] = True,
+    max_tiles: Annotated[
+        int | None,
+        typer.Option(
+            help="Crops one click may add beyond its own as the mask grows (default: the "
+            "session's; 0: one 128^3 crop per click, which measures the model without tiling)."
+        ),
+    ] = None,
     box: Annotated[
         bool | None, typer.Option(help="CVPR 2025 box protocol (default: if the model has boxes).")
     ] = None,
@@ -101,7 +108,10 @@ def evaluate(
             raise OutputExistsError(
                 f"{existing[0]} already exists; pass --overwrite to replace the report"
             )
-        session = make_session(model, device)
+        if max_tiles is not None and max_tiles < 0:
+            raise PromptError("--max-tiles must be 0 or more")
+        tiles = {} if max_tiles is None else {"max_new_tiles": max_tiles}
+        session = make_session(model, device, **tiles)
         rows = []
         progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -52,8 +52,9 @@ def load_input(text: str) -> Volume:
     return load_volume(text)
 
 
-def make_session(model: str, device: str):
-    """The session every command uses (clear CheckpointError when no default weights exist)."""
+def make_session(model: str, device: str, **options):
+    """The session every command uses (clear CheckpointError when no default weights exist);
+    ``options`` go to :class:`fastsam3d.session.Session`."""
     from fastsam3d.predictor import UNTRAINED
     from fastsam3d.session import Session
 
@@ -63,7 +64,7 @@ def make_session(model: str, device: str):
             "the real pipeline with RANDOM weights: the mask it writes is meaningless",
             highlight=False,
         )
-    return Session(model=model, device=device)
+    return Session(model=model, device=device, **options)
 
 
 @app.command()
@@ -102,8 +103,11 @@ def segment(
         str, typer.Option(help="Coordinates of points: voxel, ras or lps.")
     ] = "voxel",
     model: Annotated[
-        str, typer.Option(help="'default' (bundled weights), a checkpoint path, or 'untrained' (random weights, "
-            "pipeline check only).")
+        str,
+        typer.Option(
+            help="'default' (bundled weights), a checkpoint path, or 'untrained' (random weights, "
+            "pipeline check only)."
+        ),
     ] = "default",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
