@@ -689,8 +689,8 @@ def bench_onnx(
             torch.from_numpy(pts).float(), torch.from_numpy(lbl), mask_input=torch.from_numpy(zeros)
         )
     o_enc = time_ms(lambda: ort_p.set_image(crop.numpy()), cpu, repeats, warmup=1)
-    o_click = time_ms(lambda: ort_p.predict(pts, lbl, zeros), cpu, repeats * 4, warmup=1)
-    got, _ = ort_p.predict(pts, lbl, zeros)
+    o_click = time_ms(lambda: ort_p.predict(pts, lbl, mask_input=zeros), cpu, repeats * 4, warmup=1)
+    got, _ = ort_p.predict(pts, lbl, mask_input=zeros)
     got_t = torch.from_numpy(got)
     return {
         "kind": "onnx",

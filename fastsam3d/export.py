@@ -9,7 +9,8 @@ Two graphs, as the interactive loop uses them:
   ``low_res_logits`` (1, 1, S/4, ...) and ``iou`` (1, 1). Box prompts are not exported.
 
 :class:`OnnxPredictor` has the :class:`~fastsam3d.predictor.Predictor` methods on numpy arrays
-with onnxruntime's CPU backend, so the Slicer module and light clients can run without torch.
+with onnxruntime's CPU backend, so the Slicer module and light clients can run without torch,
+and a :class:`~fastsam3d.session.Session` runs on it when given the exported folder as its model.
 This module imports torch only inside :func:`export_onnx`.
 """
 
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fastsam3d.errors import FastSAM3DError
+from fastsam3d.cache import EmbeddingCache
+from fastsam3d.errors import FastSAM3DError, PromptError
 
 if TYPE_CHECKING:
     import torch
@@ -103,14 +106,21 @@ def export_onnx(
 
 
 class OnnxPredictor:
-    """Predictor on onnxruntime (CPU): ``set_image`` then ``predict`` on numpy arrays.
+    """Predictor on onnxruntime (CPU), with the :class:`~fastsam3d.predictor.Predictor`
+    interface a :class:`~fastsam3d.session.Session` uses: ``set_image`` (with an embedding
+    cache keyed by crop), then ``predict``. Inputs may be numpy arrays or CPU torch tensors;
+    outputs are numpy arrays. Clicks only: box prompts and multimask output are not exported.
 
     Args:
         folder: where :func:`export_onnx` wrote its files.
         threads: intra-op threads (None: onnxruntime's default, one per core).
+        cache_size: how many crop embeddings to keep.
     """
 
-    def __init__(self, folder: str | Path, threads: int | None = None):
+    device = "cpu"
+    accepts_boxes = False
+
+    def __init__(self, folder: str | Path, threads: int | None = None, cache_size: int = 16):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -131,20 +141,45 @@ class OnnxPredictor:
         self._encoder = ort.InferenceSession(str(folder / ENCODER_FILE), opts, providers=providers)
         self._decoder = ort.InferenceSession(str(folder / DECODER_FILE), opts, providers=providers)
         self._embedding: np.ndarray | None = None
+        self._cache = EmbeddingCache(cache_size)
         self.encoder_calls = 0
 
-    def set_image(self, image: np.ndarray) -> None:
-        """Encode a (1, 1, S, S, S) normalised crop (float32)."""
-        image = np.ascontiguousarray(image, dtype=np.float32)
-        (self._embedding,) = self._encoder.run(None, {"image": image})
+    @property
+    def img_size(self) -> int:
+        return int(self.meta["img_size"])
+
+    def set_image(self, image=None, key: Hashable | None = None) -> None:
+        """Select the crop to prompt on, encoding it unless ``key`` is cached.
+
+        Args:
+            image: (1, 1, S, S, S) normalised crop (float32); may be None if ``key`` is cached.
+            key: cache key (e.g. the crop grid); None disables caching for this image.
+        """
+        self._embedding = self._cache.fetch(key, image, self._encode_crop)
+
+    def _encode_crop(self, image) -> np.ndarray:
         self.encoder_calls += 1
+        (embedding,) = self._encoder.run(None, {"image": np.ascontiguousarray(image, np.float32)})
+        return embedding
+
+    def is_cached(self, key: Hashable) -> bool:
+        return key in self._cache
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+        self._embedding = None
 
     def predict(
-        self, points: np.ndarray, labels: np.ndarray, mask_input: np.ndarray | None = None
+        self, points, labels, box=None, mask_input=None, multimask: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Clicks (N, 3) crop voxels and labels (N,) -> low-res logits (1, 1, L, L, L), iou (1, 1)."""
+        """Clicks (N, 3) crop voxels and labels (N,) (1 positive, 0 negative), optional previous
+        low-res logits (1, 1, L, L, L) -> low-res logits (1, 1, L, L, L), iou (1, 1)."""
         if self._embedding is None:
             raise RuntimeError("call set_image() before predict()")
+        if box is not None or points is None:
+            raise PromptError("the onnxruntime backend takes clicks only (boxes were not exported)")
+        if multimask:
+            raise ValueError("the exported decoder has the single-mask output only")
         low = self.meta["low_res"]
         if mask_input is None:
             mask_input = np.zeros((1, 1, low, low, low), np.float32)

@@ -9,13 +9,13 @@ objects. Torch only: no file I/O beyond the checkpoint, no geometry.
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastsam3d.cache import EmbeddingCache
 from fastsam3d.errors import PromptError
 from fastsam3d.modeling import Sam3D
 
@@ -91,8 +91,7 @@ class Predictor:
         self.dtype = dtype
         self.compile = compile
         self.click_threads = click_threads if self.device.type == "cpu" else None
-        self.cache_size = cache_size
-        self._cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._cache = EmbeddingCache(cache_size)
         self._embedding: torch.Tensor | None = None
         self._dense_pe: torch.Tensor | None = None
         self._encode = self._encode_eager
@@ -171,20 +170,12 @@ class Predictor:
             image: (1, 1, S, S, S) normalised crop; may be None if ``key`` is cached.
             key: cache key (e.g. the crop grid); None disables caching for this image.
         """
-        if key is not None and key in self._cache:
-            self._cache.move_to_end(key)
-            self._embedding = self._cache[key]
-            return
-        if image is None:
-            raise KeyError(f"no cached embedding for {key!r} and no image given")
+        self._embedding = self._cache.fetch(key, image, self._encode_crop)
+
+    def _encode_crop(self, image: torch.Tensor) -> torch.Tensor:
         image = image.to(self.device, torch.float32)
-        embedding = self._run("encode", self._encode, (image,), (tuple(image.shape),))
         self.encoder_calls += 1
-        self._embedding = embedding
-        if key is not None:
-            self._cache[key] = embedding
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+        return self._run("encode", self._encode, (image,), (tuple(image.shape),))
 
     def is_cached(self, key: Hashable) -> bool:
         return key in self._cache
@@ -318,7 +309,8 @@ UNTRAINED_NAME = "UNTRAINED default architecture (random weights: checks the pip
 def load_predictor(
     model: str | Path | torch.nn.Module = "default", device: str = "auto", **options: Any
 ) -> tuple[Predictor, str]:
-    """A predictor for ``model``: ``"default"`` (bundled weights), a checkpoint path, a module,
+    """A predictor for ``model``: ``"default"`` (bundled weights), a checkpoint path, a folder
+    from ``fastsam3d export-onnx`` (an :class:`~fastsam3d.export.OnnxPredictor`), a module,
     or ``"untrained"`` (the default architecture with seeded random weights, explicitly named so,
     for checking an installation's pipeline before trained weights exist).
 
@@ -348,4 +340,24 @@ def load_predictor(
     path = Path(model)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file (use 'default' or a path)")
+    if path.is_dir():
+        return _onnx_predictor(path, device, options), f"{path.name} (onnxruntime)"
     return Predictor(build_model(checkpoint=path), device, **options), path.name
+
+
+def _onnx_predictor(folder: Path, device: str, options: dict[str, Any]):
+    """The onnxruntime backend for a folder written by ``fastsam3d export-onnx``."""
+    from fastsam3d.errors import CheckpointError
+    from fastsam3d.export import ENCODER_FILE, OnnxPredictor
+
+    if not (folder / ENCODER_FILE).is_file():
+        raise CheckpointError(
+            f"{folder} is a folder without {ENCODER_FILE}: give a checkpoint file, or a folder "
+            "written by fastsam3d export-onnx"
+        )
+    if device not in ("auto", "cpu"):
+        raise CheckpointError(f"{folder}: the onnxruntime backend runs on the CPU, not {device!r}")
+    unsupported = sorted(set(options) - {"cache_size"})
+    if unsupported:
+        raise ValueError(f"the onnxruntime backend has no {', '.join(unsupported)} option")
+    return OnnxPredictor(folder, **options)

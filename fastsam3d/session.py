@@ -56,6 +56,7 @@ import torch
 import fastsam3d
 from fastsam3d import geometry
 from fastsam3d.errors import FastSAM3DError, PromptError
+from fastsam3d.export import OnnxPredictor
 from fastsam3d.io.read import Volume
 from fastsam3d.predictor import Predictor, load_predictor
 from fastsam3d.prompts import PromptEvent, PromptLog, decode_mask, encode_mask
@@ -152,8 +153,9 @@ class Session:
     """Interactive segmentation of one volume (see the module docstring for the policy).
 
     Args:
-        model: ``"default"`` (bundled weights), a checkpoint path, a built model or a
-            :class:`~fastsam3d.predictor.Predictor`.
+        model: ``"default"`` (bundled weights), a checkpoint path, a folder written by
+            ``fastsam3d export-onnx`` (runs on onnxruntime, CPU, clicks only), a built model, a
+            :class:`~fastsam3d.predictor.Predictor` or an :class:`~fastsam3d.export.OnnxPredictor`.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         protect: never overwrite voxels of other objects.
         click_history: ``"all"`` clicks of the object inside the tile, or only the ``"last"``.
@@ -167,7 +169,7 @@ class Session:
 
     def __init__(
         self,
-        model: str | Path | torch.nn.Module | Predictor = "default",
+        model: str | Path | torch.nn.Module | Predictor | OnnxPredictor = "default",
         device: str = "auto",
         *,
         protect: bool = True,
@@ -175,7 +177,7 @@ class Session:
         max_new_tiles: int = 6,
         history: int = 32,
     ):
-        if isinstance(model, Predictor):
+        if isinstance(model, Predictor | OnnxPredictor):
             self.predictor, self.model_name = model, "predictor"
         else:
             self.predictor, self.model_name = load_predictor(model, device)
@@ -264,7 +266,7 @@ class Session:
         with self._lock:
             oid = self._object_id(object_id)
             if not self.predictor.accepts_boxes:
-                raise PromptError("this model was not trained with box prompts; use clicks instead")
+                raise PromptError(f"{self.model_name} takes clicks only, no box prompts; use clicks instead")
             a, b = self._to_ras(lo, coords), self._to_ras(hi, coords)
             box = (tuple(np.minimum(a, b)), tuple(np.maximum(a, b)))
             self.log.events.append(PromptEvent("box", oid, lo_ras=list(box[0]), hi_ras=list(box[1])))
@@ -459,7 +461,7 @@ class Session:
             hi = np.clip(grid.ras_to_crop(np.asarray(obj.box[1])), 0, grid.size - 1)
             box = torch.tensor(np.stack([lo, hi]), dtype=torch.float32)
         low_res, iou = pred.predict(points, labels, box=box, mask_input=mask_in)
-        return _Tile(grid, low_res), float(iou.flatten()[0])
+        return _Tile(grid, torch.as_tensor(low_res)), float(iou.flatten()[0])
 
     def _grow(self, tiles: list[_Tile], obj: _Object) -> list[_Tile]:
         """Open neighbouring tiles where a tile's mask touches a face with volume beyond it

@@ -126,10 +126,42 @@ def test_onnx_matches_torch(tmp_path):
     for pts, lbl in [(click[None], [1]), (np.stack([click, click + 9, click - 7]), [1, 0, 1])]:
         mask = torch.randn(1, 1, 32, 32, 32)
         ref, ref_iou = ref_p.predict(torch.tensor(pts).float(), torch.tensor(lbl), mask_input=mask)
-        got, got_iou = ort_p.predict(pts, np.array(lbl), mask.numpy())
+        got, got_iou = ort_p.predict(pts, np.array(lbl), mask_input=mask.numpy())
         np.testing.assert_allclose(got, ref.numpy(), atol=1e-4)
         np.testing.assert_allclose(got_iou, ref_iou.numpy(), atol=1e-4)
         assert dice(torch.from_numpy(got) > 0, ref > 0) >= 0.99
+
+
+def test_session_runs_on_the_onnx_folder(tmp_path):
+    """A Session given an export-onnx folder runs onnxruntime (CPU, clicks only) with the
+    embedding cache, and its masks are the torch session's; wrong folders and boxes are
+    readable errors."""
+    pytest.importorskip("onnxruntime")
+    from fastsam3d.errors import CheckpointError, PromptError
+    from fastsam3d.export import OnnxPredictor, export_onnx
+    from fastsam3d.sample_data import make_phantom
+    from fastsam3d.session import Session
+
+    model = _small_model()
+    export_onnx(model, tmp_path / "onnx")
+    volume, _ = make_phantom()
+    clicks = [((30, 30, 20), True), ((34, 30, 20), True), ((30, 40, 20), False)]
+    maps = []
+    for spec in (model, tmp_path / "onnx"):
+        session = Session(spec, device="cpu", max_new_tiles=0)
+        session.set_volume(volume)
+        for point, positive in clicks:
+            session.add_point(point, positive=positive)
+        maps.append(session.label_map.copy())
+    assert isinstance(session.predictor, OnnxPredictor)
+    assert session.model_name == "onnx (onnxruntime)"
+    assert session.predictor.encoder_calls == 1  # nearby clicks reuse the cached embedding
+    assert dice(torch.from_numpy(maps[1] > 0), torch.from_numpy(maps[0] > 0)) >= 0.98
+    with pytest.raises(PromptError, match="onnx \\(onnxruntime\\) takes clicks only"):
+        session.add_box((20, 20, 10), (40, 40, 30))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="without encoder.onnx"):
+        Session(tmp_path / "empty", device="cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -105,8 +105,8 @@ def segment(
     model: Annotated[
         str,
         typer.Option(
-            help="'default' (bundled weights), a checkpoint path, or 'untrained' (random weights, "
-            "pipeline check only)."
+            help="'default' (bundled weights), a checkpoint path, an export-onnx folder "
+            "(onnxruntime, CPU, clicks only) or 'untrained' (random weights, pipeline check only)."
         ),
     ] = "default",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
