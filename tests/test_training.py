@@ -208,6 +208,30 @@ def test_cli_train_and_models(tmp_path: Path) -> None:
     assert listing.exit_code == 0 and "fastsam3d_dilated" in listing.output
 
 
+def test_cli_synthetic_settings(tmp_path: Path) -> None:
+    """--synthetic KEY=VALUE reaches the generator and the run's recipe; unknown keys and
+    wrong types are refused before anything is written."""
+    from fastsam3d.cli import app
+
+    runner = CliRunner()
+    sets = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
+    base = ["train", *sets, "--steps", "1", "--batch-size", "2", "--rounds", "1"]
+    out = tmp_path / "run"
+    synth = ["--synthetic", "structures=3", "--synthetic", "min_radius=2", "--synthetic",
+             "ct_fraction=1.0"]  # fmt: skip
+    result = runner.invoke(app, [*base, "--out", str(out), *synth])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "state.json").read_text())["loop"]["extra"]["synthetic"]
+    assert recorded == {"structures": 3, "min_radius": 2.0, "ct_fraction": 1.0}
+    for bad, message in [
+        ("bogus=1", "no setting 'bogus'"),
+        ("structures=many", "structures: expected int"),
+    ]:
+        refused = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--synthetic", bad])
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+        assert not (tmp_path / "bad").exists()
+
+
 def _nifti_case(folder: Path) -> None:
     """A 40^3 volume at 2 mm with two touching boxes as labels 1 and 2 (NIfTI pair)."""
     import nibabel as nib

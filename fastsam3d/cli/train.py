@@ -30,6 +30,14 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Model config override KEY=VALUE, e.g. embed_dim=384 (repeatable)."),
 ]
+SynthOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--synthetic",
+        help="Synthetic generator setting KEY=VALUE, e.g. structures=30 (repeatable; the fields "
+        "of fastsam3d.training.synthetic.SyntheticConfig).",
+    ),
+]
 StepsOpt = Annotated[int, typer.Option(help="Optimiser steps.")]
 BatchOpt = Annotated[int, typer.Option(help="Crops per step.")]
 LrOpt = Annotated[float, typer.Option(help="Peak learning rate (AdamW).")]
@@ -60,18 +68,40 @@ PoolOpt = Annotated[
 ]
 
 
-def _overrides(items: list[str] | None) -> dict[str, Any]:
+def _overrides(items: list[str] | None, option: str = "--set") -> dict[str, Any]:
     """``["embed_dim=384", "attention=global"]`` -> typed dict (JSON values, else strings)."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
+            raise typer.BadParameter(f"{option} expects KEY=VALUE, got {item!r}")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
+
+
+def _synthetic(items: list[str] | None, size: int):
+    """The generator's settings: its defaults, ``--synthetic`` values checked against its
+    fields and their types, and the model's crop size."""
+    from dataclasses import fields
+
+    from fastsam3d.training.synthetic import SyntheticConfig
+
+    defaults = {f.name: f.default for f in fields(SyntheticConfig) if f.name != "size"}
+    given = _overrides(items, "--synthetic")
+    for key, value in given.items():
+        if key not in defaults:
+            raise typer.BadParameter(
+                f"--synthetic: no setting {key!r}; the settings are {', '.join(defaults)}"
+            )
+        kind = type(defaults[key])
+        if kind is float and isinstance(value, int):
+            given[key] = value = float(value)
+        if type(value) is not kind:
+            raise typer.BadParameter(f"--synthetic {key}: expected {kind.__name__}, got {value!r}")
+    return SyntheticConfig(size=size, **given), given
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -111,14 +141,14 @@ def _cases(data: list[Path] | None, cases: Path | None, save_cases: Path | None,
 def _run_click_training(
     model, out, data, cases, save_cases, steps, batch_size, lr, max_minutes, schedule_minutes,
     rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe: dict[str, Any],
-    targets: int = 1, pool: int = 0,
+    targets: int = 1, pool: int = 0, synthetic: list[str] | None = None,
 ) -> None:  # fmt: skip
     """Shared body of ``train`` and ``finetune``: the click loop on synthetic + real crops."""
     import torch
 
     from fastsam3d.training.loop import BatchSource, LoopConfig, click_loss, resolve_device, run
-    from fastsam3d.training.synthetic import SyntheticConfig
 
+    synth, synth_given = _synthetic(synthetic, model.config.img_size)
     _prepare_out(out, resume, overwrite)
     dev = resolve_device(device)
     real = _cases(data, cases, save_cases, dev)
@@ -128,12 +158,12 @@ def _run_click_training(
         steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
         device=str(dev), save_every=save_every, schedule_minutes=schedule_minutes,
         extra={**recipe, "rounds": rounds, "box_prob": box_prob, "real_fraction": real_fraction,
-               "targets_per_image": targets, "pool": pool,
+               "targets_per_image": targets, "pool": pool, "synthetic": synth_given,
                "real_cases": [c.name for c in real or []]},
     )  # fmt: skip
     source = BatchSource(
         batch_size, dev, seed, real, real_fraction if real else 0.0,
-        SyntheticConfig(size=model.config.img_size), targets, pool,
+        synth, targets, pool,
     )  # fmt: skip
     gen = torch.Generator(device=dev).manual_seed(seed + 1)
 
@@ -169,6 +199,7 @@ def train(
     save_every: SaveEveryOpt = 250,
     targets: TargetsOpt = 4,
     pool: PoolOpt = 0,
+    synthetic: SynthOpt = None,
 ) -> None:
     """Train a model from scratch with the interactive click loop (synthetic + real crops)."""
     import torch
@@ -182,7 +213,7 @@ def train(
         _run_click_training(
             model, out, data, cases, save_cases, steps, batch_size, lr, max_minutes,
             schedule_minutes, rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
-            targets, pool,
+            targets, pool, synthetic,
         )  # fmt: skip
 
 
@@ -209,6 +240,7 @@ def finetune(
     save_every: SaveEveryOpt = 100,
     targets: TargetsOpt = 4,
     pool: PoolOpt = 0,
+    synthetic: SynthOpt = None,
 ) -> None:
     """Fine-tune a model on your own labelled volumes (some synthetic crops keep it general),
     or continue training a checkpoint (--from PATH, with --cases prepared by `train --save-cases`)."""
@@ -226,7 +258,7 @@ def finetune(
         _run_click_training(
             model, out, data, cases, None, steps, batch_size, lr, max_minutes, schedule_minutes,
             rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
-            targets, pool,
+            targets, pool, synthetic,
         )  # fmt: skip
 
 
@@ -256,6 +288,7 @@ def distill(
     save_every: SaveEveryOpt = 250,
     targets: TargetsOpt = 4,
     pool: PoolOpt = 0,
+    synthetic: SynthOpt = None,
 ) -> None:
     """Distil a teacher's image encoder into a student (three schedules, see MODEL_CARD.md)."""
     import torch
@@ -263,25 +296,25 @@ def distill(
     from fastsam3d.registry import build_model
     from fastsam3d.training.distill import Distiller
     from fastsam3d.training.loop import BatchSource, LoopConfig, resolve_device, run
-    from fastsam3d.training.synthetic import SyntheticConfig
 
     with user_errors(ValueError):
+        torch.manual_seed(seed)
+        student_model = build_model(student, **_overrides(set_))
+        synth, synth_given = _synthetic(synthetic, student_model.config.img_size)
         _prepare_out(out, resume, overwrite)
         dev = resolve_device(device)
-        torch.manual_seed(seed)
         teacher_model = build_model(checkpoint=teacher, device=dev)
-        student_model = build_model(student, **_overrides(set_))
         distiller = Distiller(student_model, teacher_model, schedule, rounds, box_prob)
         real = _cases(data, cases, None, dev)
         cfg = LoopConfig(
             steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
             device=str(dev), save_every=save_every, schedule_minutes=schedule_minutes,
             extra={"command": "distill", "teacher": str(teacher), "student": student,
-                   "overrides": _overrides(set_), "schedule": schedule},
+                   "overrides": _overrides(set_), "schedule": schedule, "synthetic": synth_given},
         )  # fmt: skip
         source = BatchSource(
             batch_size, dev, seed, real, real_fraction if real else 0.0,
-            SyntheticConfig(size=student_model.config.img_size), targets, pool,
+            synth, targets, pool,
         )  # fmt: skip
         state = run(student_model, distiller.objective, source, cfg, out, extra=distiller,
                     resume=resume, console=console)  # fmt: skip
