@@ -62,6 +62,21 @@ def test_synthetic_is_deterministic_under_a_seed() -> None:
     assert all(len(torch.unique(lab)) >= 3 for lab in a.labels)  # several structures
 
 
+def test_synthetic_planes_separate_touching_structures() -> None:
+    """With planes=1 no two structures touch (a background plane lies between them), the
+    volume is still full of structures, and the target is still one whole label."""
+    from dataclasses import replace
+
+    batch = generate(3, torch.Generator().manual_seed(7), replace(SYN, structures=8, planes=1.0))
+    lab = batch.labels.long()
+    for d in (1, 2, 3):
+        hi, lo = lab.narrow(d, 1, SIZE - 1), lab.narrow(d, 0, SIZE - 1)
+        assert not ((hi != lo) & (hi > 0) & (lo > 0)).any()
+    assert all(len(torch.unique(x)) >= 3 for x in batch.labels)
+    for i in range(3):
+        assert torch.equal(batch.target[i, 0], batch.labels[i] == batch.target_id[i])
+
+
 def test_boxes_enclose_the_target_up_to_jitter() -> None:
     target = torch.zeros(2, 1, SIZE, SIZE, SIZE, dtype=torch.bool)
     target[0, 0, 4:10, 5:20, 8:9] = True

@@ -41,6 +41,7 @@ class SyntheticConfig:
     deform_voxels: float = 8.0  # max amplitude of the smooth coordinate deformation
     tube_samples: int = 12
     ct_fraction: float = 0.5  # share of volumes rendered with a CT-like dynamic range
+    planes: float = 0.0  # share of volumes with thin background planes between touching structures
 
 
 @dataclass
@@ -199,7 +200,10 @@ def generate(
         inside = (field < 0) & p["present"][:, i].view(batch, 1, 1, 1)
         labels = torch.where(inside, torch.full_like(labels, i + 1), labels)
 
-    image = _render(labels, batch, cfg, gen, device)
+    planes = _separating_planes(labels, cfg, gen) if cfg.planes > 0 else None
+    if planes is not None:
+        labels = labels.masked_fill(planes, 0)
+    image = _render(labels, batch, cfg, gen, device, planes)
     # A zero slab at one face (crop beyond the volume: official zero padding; nothing labelled).
     slab = torch.rand((batch,), generator=gen, device=device) < 0.2
     depth = (_uniform((batch,), 0.05, 0.35, gen, device) * s).long()
@@ -219,7 +223,27 @@ def generate(
     return SyntheticBatch(image=image, target=target, labels=labels, target_id=target_id)
 
 
-def _render(labels: Tensor, batch: int, cfg: SyntheticConfig, gen, device) -> Tensor:
+def _separating_planes(labels: Tensor, cfg: SyntheticConfig, gen: torch.Generator) -> Tensor:
+    """(B, S, S, S) bool: in a ``cfg.planes`` share of the volumes, a plane 2 or 4 voxels thick
+    wherever two structures touch (the fat planes that separate organs in CT). The planes
+    become background, so no target includes them."""
+    b, s = labels.shape[0], labels.shape[-1]
+    lab = labels.long()
+    edge = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    for d in (1, 2, 3):
+        hi, lo = lab.narrow(d, 1, s - 1), lab.narrow(d, 0, s - 1)
+        touch = (hi != lo) & (hi > 0) & (lo > 0)
+        edge.narrow(d, 1, s - 1).logical_or_(touch)
+        edge.narrow(d, 0, s - 1).logical_or_(touch)
+    wide = F.max_pool3d(edge[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0
+    thick = torch.rand((b, 1, 1, 1), generator=gen, device=labels.device) < 0.5
+    use = torch.rand((b, 1, 1, 1), generator=gen, device=labels.device) < cfg.planes
+    return torch.where(thick, wide, edge) & use
+
+
+def _render(
+    labels: Tensor, batch: int, cfg: SyntheticConfig, gen, device, planes: Tensor | None = None
+) -> Tensor:
     """Intensities for a label map: contrast, texture, partial volume, bias, noise, gamma.
 
     Two intensity models, mixed per volume. *Generic*: each structure a random level in [0, 1]
@@ -229,6 +253,8 @@ def _render(labels: Tensor, batch: int, cfg: SyntheticConfig, gen, device) -> Te
     the background is often air, and zero lies near water. After the official z-score over
     voxels > 0 this gives what real CT crops give: air at -10 to -20, organ-to-organ contrast
     of a few tenths, so the model must read small relative contrast, not absolute levels.
+    ``planes`` (see :func:`_separating_planes`) get a level of their own: fat (0.85-0.95) in
+    CT mode, a random level otherwise, without texture.
     """
     s, k = cfg.size, cfg.structures
 
@@ -265,6 +291,12 @@ def _render(labels: Tensor, batch: int, cfg: SyntheticConfig, gen, device) -> Te
     lab = labels.long().view(batch, -1)
     mean_img = means.gather(1, lab).view(batch, 1, s, s, s)
     amp_img = tex_amp.gather(1, lab).view(batch, 1, s, s, s)
+    if planes is not None:
+        level = torch.where(
+            ct, _uniform((batch, 1), 0.85, 0.95, gen, device), rand((batch, 1))
+        ).view(batch, 1, 1, 1, 1)
+        mean_img = torch.where(planes[:, None], level, mean_img)
+        amp_img = amp_img.masked_fill(planes[:, None], 0.0)
     texture = _smooth_field(batch, 1, 16, s, gen, device) + 0.5 * _smooth_field(
         batch, 1, 48, s, gen, device
     )
