@@ -144,10 +144,6 @@ class OnnxPredictor:
         self._cache = EmbeddingCache(cache_size)
         self.encoder_calls = 0
 
-    @property
-    def img_size(self) -> int:
-        return int(self.meta["img_size"])
-
     def set_image(self, image=None, key: Hashable | None = None) -> None:
         """Select the crop to prompt on, encoding it unless ``key`` is cached.
 
