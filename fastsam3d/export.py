@@ -16,6 +16,7 @@ This module imports torch only inside :func:`export_onnx`.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections.abc import Hashable
@@ -157,6 +158,15 @@ class OnnxPredictor:
         self.encoder_calls += 1
         (embedding,) = self._encoder.run(None, {"image": np.ascontiguousarray(image, np.float32)})
         return embedding
+
+    def share(self) -> OnnxPredictor:
+        """A predictor on the same onnxruntime sessions (thread-safe) with its own embedding
+        cache (one per user session in the server)."""
+        twin = copy.copy(self)
+        twin._cache = EmbeddingCache(self._cache.size)
+        twin._embedding = None
+        twin.encoder_calls = 0
+        return twin
 
     def is_cached(self, key: Hashable) -> bool:
         return key in self._cache

@@ -177,6 +177,14 @@ class Predictor:
         self.encoder_calls += 1
         return self._run("encode", self._encode, (image,), (tuple(image.shape),))
 
+    def share(self) -> Predictor:
+        """A predictor on the same weights with its own embedding cache (one per user session
+        in the server)."""
+        return Predictor(
+            self.model, self.device, self._cache.size, dtype=self.dtype,
+            compile=self.compile, click_threads=self.click_threads,
+        )  # fmt: skip
+
     def is_cached(self, key: Hashable) -> bool:
         return key in self._cache
 

@@ -162,6 +162,16 @@ def test_session_runs_on_the_onnx_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="without encoder.onnx"):
         Session(tmp_path / "empty", device="cpu")
+    # the server's factory: sessions share the onnxruntime sessions, each with its own cache
+    from fastsam3d.server.app import session_factory
+
+    make, base, name = session_factory(tmp_path / "onnx", "cpu")
+    first, second = make(), make()
+    assert first.predictor._encoder is base._encoder is second.predictor._encoder
+    first.set_volume(volume)
+    first.add_point(clicks[0][0])
+    assert first.predictor.encoder_calls == 1 and second.predictor.encoder_calls == 0
+    assert name == "onnx (onnxruntime)" and first.label_map.any()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

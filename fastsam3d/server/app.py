@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 import fastsam3d
 from fastsam3d.errors import FastSAM3DError, PromptError, VolumeError
+from fastsam3d.export import OnnxPredictor
 from fastsam3d.predictor import Predictor, load_predictor
 from fastsam3d.prompts import PromptLog, decode_mask
 from fastsam3d.server import schemas as s
@@ -61,13 +62,13 @@ def status_of(err: FastSAM3DError) -> int:
 
 def session_factory(
     model: str | Path | torch.nn.Module, device: str
-) -> tuple[Callable[[], Session], Predictor, str]:
+) -> tuple[Callable[[], Session], Predictor | OnnxPredictor, str]:
     """Load the model once; return a factory of sessions sharing its weights (each session
     has its own embedding cache), the loaded predictor and the model's display name."""
     base, name = load_predictor(model, device)
 
     def make() -> Session:
-        session = Session(Predictor(base.model, base.device))
+        session = Session(base.share())
         session.model_name = name  # recorded in the prompt log instead of "predictor"
         return session
 
