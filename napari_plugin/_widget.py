@@ -669,7 +669,15 @@ def _fresh(path: Path) -> Path:
 
 
 def _is_package_path(folder: Path) -> bool:
+    """Whether ``folder`` lies in the installed package (the bundled sample), also where the
+    package reaches it through a symlink, as in a source checkout (``_sample_files``)."""
     import fastsam3d
 
-    package = Path(fastsam3d.__file__).resolve().parent
-    return folder.resolve() == package or package in folder.resolve().parents
+    package = Path(fastsam3d.__file__).parent
+    for where, root in (
+        (folder.absolute(), package.absolute()),
+        (folder.resolve(), package.resolve()),
+    ):
+        if where == root or root in where.parents:
+            return True
+    return False

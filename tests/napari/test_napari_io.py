@@ -119,3 +119,25 @@ def test_reader_claims_volumes_and_dicom_folders_only(tmp_path, oblique_nifti):
     assert napari_get_reader(str(dicom)) is not None
     assert napari_get_reader(str(other)) is None
     assert napari_get_reader(str(tmp_path / "picture.png")) is None
+
+
+def test_sample_autosave_goes_to_home_not_the_package(
+    make_napari_viewer, qtbot, session_factory, choose_small_model, tmp_path, monkeypatch
+):
+    """The bundled sample's folder belongs to the package (in a source checkout through the
+    _sample_files symlink): autosave writes to ~/fastsam3d, never beside the sample."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    sample_dir = sample_path().parent
+    before = set(sample_dir.resolve().iterdir())
+    viewer = make_napari_viewer()
+    viewer.open_sample("fastsam3d", "sample_ct")
+    _dock, widget = viewer.window.add_plugin_dock_widget("fastsam3d", "FastSAM3D")
+    widget.session_factory = session_factory
+    choose_small_model(widget)
+    widget.start()
+    widget.add_point((40, 50, 60))
+    qtbot.waitUntil(lambda: widget._worker.pending == 0, timeout=60_000)
+    widget._worker.stop()
+    assert widget._autosave_path.parent == tmp_path / "fastsam3d"
+    assert widget._autosave_path.exists()
+    assert set(sample_dir.resolve().iterdir()) == before
