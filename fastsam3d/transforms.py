@@ -265,11 +265,13 @@ def upsample_logits(low_res: torch.Tensor, size: int = CROP_SIZE) -> torch.Tenso
     return F.interpolate(low_res, size=(size,) * 3, mode="trilinear", align_corners=False)
 
 
-def _native_frame(
-    grid: CropGrid, affine: np.ndarray, shape: tuple[int, ...]
-) -> tuple[
+# (bbox slices, box shape, box voxel -> crop voxel map, its axis permutation or None)
+_Frame = tuple[
     tuple[slice, slice, slice], tuple[int, int, int], np.ndarray, tuple[int, int, int] | None
-]:
+]
+
+
+def _native_frame(grid: CropGrid, affine: np.ndarray, shape: tuple[int, ...]) -> _Frame:
     """The native box a crop covers: its slices, its shape, the (4, 4) map from box voxels to
     crop voxels, and that map's axis permutation (None when oblique)."""
     lo, hi = native_bbox(grid, affine, shape)
@@ -298,7 +300,14 @@ def crop_logits_to_native(
         ``(bbox, values, inside)``: the native box as slices, the logits sampled at its voxels
         (float32) and a bool tensor marking which of them lie inside the crop cube.
     """
-    bbox, box, native_to_crop, axes = _native_frame(grid, affine, shape)
+    return _logits_in_frame(logits, grid, _native_frame(grid, affine, shape))
+
+
+def _logits_in_frame(
+    logits: torch.Tensor, grid: CropGrid, frame: _Frame
+) -> tuple[tuple[slice, slice, slice], torch.Tensor, torch.Tensor]:
+    """:func:`crop_logits_to_native` for a :func:`_native_frame` already computed."""
+    bbox, box, native_to_crop, axes = frame
     if min(box) <= 0:
         empty = logits.new_zeros(box)
         return bbox, empty, empty.bool()
@@ -398,9 +407,10 @@ def crop_mask_to_native(
     reach; the rest of the box is False without being computed (a refinement click on a
     512 x 512 x 300 CT maps the object's extent, not the whole 270 x 270 x 190 tile).
     """
-    bbox, box, native_to_crop, axes = _native_frame(grid, affine, shape)
+    frame = _native_frame(grid, affine, shape)
+    bbox, box, native_to_crop, axes = frame
     if min(box) <= 0 or axes is None:
-        bbox, values, inside = crop_logits_to_native(logits, grid, affine, shape)
+        bbox, values, inside = _logits_in_frame(logits, grid, frame)
         return bbox, values > 0, inside
     x = logits[0, 0].float()
     inv, mats, inside = _native_axis_maps(native_to_crop, axes, box, grid.size, x.shape[-1])
