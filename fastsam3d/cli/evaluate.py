@@ -59,7 +59,9 @@ def evaluate(
     label_ids: Annotated[
         str | None, typer.Option("--labels", help="Label ids, e.g. 1,2,5 (default: all present).")
     ] = None,
-    model: Annotated[str, typer.Option(help="'default', a checkpoint path or an export-onnx folder.")] = "default",
+    model: Annotated[
+        str, typer.Option(help="'default', a checkpoint path or an export-onnx folder.")
+    ] = "default",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the simulated clicks.")] = 2023,
     tolerance: Annotated[float, typer.Option(help="Surface Dice tolerance in mm.")] = 2.0,
