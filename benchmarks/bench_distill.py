@@ -27,7 +27,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout too
 
-from fastsam3d.bench import environment
+from fastsam3d.bench import environment, time_ms
 from fastsam3d.registry import build_model
 from fastsam3d.training.distill import SCHEDULES, Distiller
 from fastsam3d.training.loop import Batch, BatchSource, LoopConfig, Objective, click_loss, run
@@ -93,14 +92,8 @@ def _params(model: torch.nn.Module) -> int:
 def _encoder_ms(model: torch.nn.Module, repeats: int = 10) -> float:
     """Median CPU time of one image-encoder forward at batch 1 (ms)."""
     x = torch.randn(1, 1, SIZE, SIZE, SIZE)
-    times = []
     with torch.no_grad():
-        model.image_encoder(x)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model.image_encoder(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        return time_ms(lambda: model.image_encoder(x), CPU, repeats, warmup=1)["median_ms"]
 
 
 def held_out(volumes: int) -> Batch:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastsam3d.transforms as tr
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+from fastsam3d.bench import time_ms
 
 
 def main() -> None:
@@ -46,16 +35,19 @@ def main() -> None:
     affine = np.diag([0.7, 0.7, 1.0, 1.0])
     affine[:3, 3] = -affine[:3, :3] @ (np.asarray(shape) / 2)
     grid = tr.CropGrid.around(np.zeros(3))
+    cpu = torch.device("cpu")
     for edge in (10, 20, 32):  # low-res voxels: 60 mm, 120 mm, the whole 192 mm tile
         low = -torch.ones(1, 1, 32, 32, 32)
         a = (32 - edge) // 2
         low[..., a : a + edge, a : a + edge, a : a + edge] = 1.0
-        base = _median_ms(
-            lambda low=low: tr.crop_logits_to_native(low, grid, affine, shape)[1] > 0, args.repeats
-        )
-        fast = _median_ms(
-            lambda low=low: tr.crop_mask_to_native(low, grid, affine, shape), args.repeats
-        )
+        base = time_ms(
+            lambda low=low: tr.crop_logits_to_native(low, grid, affine, shape)[1] > 0,
+            cpu, args.repeats, warmup=1,
+        )["median_ms"]  # fmt: skip
+        fast = time_ms(
+            lambda low=low: tr.crop_mask_to_native(low, grid, affine, shape),
+            cpu, args.repeats, warmup=1,
+        )["median_ms"]  # fmt: skip
         row = {
             "kind": "native_mapping",
             "object_mm": edge * 6,
