@@ -190,22 +190,43 @@ def test_bad_options_are_refused():
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("kind", ["blob", "sparse", "none", "all"])
-def test_mask_mapping_skips_only_voxels_that_cannot_be_positive(seed, kind):
-    aff = _axis_aligned_affine(seed)
+@pytest.mark.parametrize("kind", ["blob", "sparse", "none", "all", "oblique"])
+def test_pasted_mask_equals_the_thresholded_logits(seed, kind, oblique_affine):
+    """paste_crop_mask writes crop_logits_to_native(...) > 0 where the crop covers the canvas,
+    keeps the canvas elsewhere, and sets True only inside the box it returns."""
+    aff = oblique_affine if kind == "oblique" else _axis_aligned_affine(seed)
     shape = (60, 50, 40)
     center = (aff @ np.array([30, 25, 20, 1.0]))[:3]
     grid = tr.CropGrid.around(center, spacing=1.5, size=32)
     gen = torch.Generator().manual_seed(seed)
     low = -1.0 - torch.rand(1, 1, 8, 8, 8, generator=gen)
-    if kind == "blob":
+    if kind in ("blob", "oblique"):
         low[..., 2:5, 3:6, 1:4] = torch.randn(3, 3, 3, generator=gen) + 0.5
     elif kind == "sparse":
         low[..., 7, 0, 4] = 2.0
     elif kind == "all":
         low = torch.randn(1, 1, 8, 8, 8, generator=gen)
     bbox, values, inside = tr.crop_logits_to_native(low, grid, aff, shape)
-    got_bbox, mask, got_inside = tr.crop_mask_to_native(low, grid, aff, shape)
-    assert got_bbox == bbox
-    assert torch.equal(got_inside, inside)
-    assert torch.equal(mask, values > 0)
+    # a canvas that overlaps the crop's box only in part, already holding other voxels
+    rng = np.random.default_rng(seed)
+    origin = np.array([s.start for s in bbox]) + rng.integers(-6, 7, 3)
+    canvas = torch.from_numpy(rng.random(tuple(rng.integers(20, 45, 3))) < 0.3)
+    before = canvas.clone()
+    box = tr.paste_crop_mask(canvas, origin, low, grid, aff, shape)
+    expected = before.clone()
+    full = torch.zeros(shape, dtype=torch.bool)
+    full_inside = torch.zeros(shape, dtype=torch.bool)
+    full[bbox], full_inside[bbox] = values > 0, inside
+    end = origin + np.asarray(canvas.shape)
+    a, b = np.maximum(origin, 0), np.minimum(end, shape)
+    dst = tuple(slice(x - o, y - o) for x, y, o in zip(a, b, origin))
+    src = tuple(slice(x, y) for x, y in zip(a, b))
+    expected[dst] = torch.where(full_inside[src], full[src], before[dst])
+    assert torch.equal(canvas, expected)
+    new = canvas & ~before
+    if box is None:
+        assert not new.any()
+    else:
+        outside = new.clone()
+        outside[tuple(slice(x - o, y - o) for x, y, o in zip(*box, origin))] = False
+        assert not outside.any()
