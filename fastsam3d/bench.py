@@ -22,7 +22,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from fastsam3d.predictor import Predictor
+from fastsam3d.session import Edit, Session, _Object, _Step, _Tile, _true_box
+from fastsam3d.transforms import crop_logits_to_native, native_bbox
 
 LOW_RES = 32
+# bench_refine's volumes: shape, spacing (mm)
+REFINE_CASES = {
+    "crop128": ((128, 128, 128), (1.5, 1.5, 1.5)),
+    "ct512": ((512, 512, 300), (0.8, 0.8, 1.0)),
+}
 
 
 def environment(device: torch.device) -> dict:
@@ -543,9 +550,13 @@ def profile_clicks(arch: str = "fastsam3d_dilated", device: str = "auto", rows: 
     return "\n".join(out)
 
 
-def ct_like_volume(shape: tuple[int, int, int] = (512, 512, 300), seed: int = 0):
-    """A CT-like int16 volume (HU) of ``shape`` at 0.7 x 0.7 x 1.0 mm: air, a body ellipse,
-    organs as bright ellipsoids, noise. Returns (Volume, voxel of a click in the first organ)."""
+def ct_like_volume(
+    shape: tuple[int, int, int] = (512, 512, 300),
+    seed: int = 0,
+    spacing: tuple[float, float, float] = (0.7, 0.7, 1.0),
+):
+    """A CT-like int16 volume (HU) of ``shape`` at ``spacing`` mm: air, a body ellipse, organs
+    as bright ellipsoids, noise. Returns (Volume, voxel of a click in the first organ)."""
     from fastsam3d.io.read import Volume
 
     rng = np.random.default_rng(seed)
@@ -562,10 +573,146 @@ def ct_like_volume(shape: tuple[int, int, int] = (512, 512, 300), seed: int = 0)
         ) <= 1
         arr[e] = hu
     arr += rng.normal(0, 10, shape).astype(np.int16)
-    affine = np.diag([0.7, 0.7, 1.0, 1.0])
+    affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = -affine[:3, :3] @ (np.asarray(shape) / 2)
     click = np.asarray(organs[0][0]) + np.asarray(shape) / 2
     return Volume(arr, affine), click
+
+
+class ReferenceSession(Session):
+    """:class:`~fastsam3d.session.Session` with the stitching and label-map update as they were
+    before the refinement path was optimised: every tile of the object mapped over its whole
+    native box (``crop_logits_to_native`` > 0), the label map updated by boolean indexing. The
+    baseline of :func:`bench_refine` and the reference ``tests/test_session_paste.py`` holds
+    the session to (same label maps, edits and undo steps)."""
+
+    def _commit(
+        self,
+        oid: int,
+        obj: _Object,
+        new_tiles: list[_Tile],
+        before: dict[int, _Object],
+        t0: float,
+        iou: float,
+    ) -> Edit:
+        grids = {t.grid for t in new_tiles}
+        tiles = tuple(t for t in obj.tiles if t.grid not in grids) + tuple(new_tiles)
+        affine, shape = self.volume.affine, self.label_map.shape
+        boxes = [native_bbox(t.grid, affine, shape) for t in new_tiles]
+        lo, hi = np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0)
+        canvas = np.zeros(tuple(hi - lo), bool)
+        for t in tiles:  # later tiles win where tiles overlap
+            bbox, values, inside = crop_logits_to_native(t.logits, t.grid, affine, shape)
+            a = np.maximum([s.start for s in bbox], lo)
+            b = np.minimum([s.stop for s in bbox], hi)
+            if np.all(b > a):
+                src = tuple(slice(x - s.start, y - s.start) for x, y, s in zip(a, b, bbox))
+                dst = tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))
+                keep = inside[src].cpu().numpy()
+                canvas[dst][keep] = (values[src] > 0).cpu().numpy()[keep]
+        changed = _true_box(canvas != obj.mask.region(lo, hi))
+        region = None if changed is None else (lo + changed[0], lo + changed[1])
+        self._objects[oid] = replace(obj, tiles=tiles, mask=obj.mask.with_region(lo, hi, canvas))
+        edit = self._apply(oid, region, before, t0)
+        edit.iou, edit.tiles = iou, len(tiles)
+        return edit
+
+    def _apply(
+        self,
+        oid: int,
+        region: tuple[np.ndarray, np.ndarray] | None,
+        before: dict[int, _Object],
+        t0: float,
+        active_before: int | None = None,
+    ) -> Edit:
+        active_before = self.active_object if active_before is None else active_before
+        self.active_object = oid
+        lo, hi = (np.zeros(3, int), np.zeros(3, int)) if region is None else region
+        bbox = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        view = self.label_map[bbox]
+        old = view.copy()
+        if view.size:
+            mine = np.zeros(view.shape, bool)
+            if oid in self._objects:
+                mine = self._objects[oid].mask.region(lo, hi)
+            view[(view == oid) & ~mine] = 0
+            view[mine & ((view == 0) | (not self.protect))] = oid
+            for other, obj in self._objects.items():
+                if other != oid and obj.mask.arr.size:
+                    view[(view == 0) & obj.mask.region(lo, hi)] = other
+            known = np.zeros(65536, bool)
+            known[[0, *self._objects]] = True
+            view[~known[view]] = 0
+        step = _Step(bbox, old, view.copy(), before, dict(self._objects), active_before, oid)
+        self._undo.append(step)
+        del self._undo[: -self.history]
+        self._redo.clear()
+        return Edit(oid, bbox, view.copy(), time.perf_counter() - t0)
+
+
+def bench_refine(
+    model: str | torch.nn.Module = "untrained",
+    repeats: int = 7,
+    cases: Iterable[str] = tuple(REFINE_CASES),
+) -> list[dict]:
+    """Refinement clicks through the whole :class:`~fastsam3d.session.Session` path on the CPU.
+
+    Cases: ``crop128`` (a 128^3 volume at 1.5 mm, one crop) and ``ct512`` (a loaded 512 x 512
+    x 300 CT-like volume at 0.8 x 0.8 x 1.0 mm), one tile per click (``max_new_tiles=0``).
+    Variants: :class:`ReferenceSession` (baseline), the session, the session with the click
+    path on torch's threads instead of one. Each timed refinement is a new negative click
+    beside the first (the same sequence for every variant; history 2, so memory stays flat);
+    ``model_ms`` times the predictor alone on the last click's prompts, ``labels_equal`` /
+    ``dice`` compare the final label map with the baseline's.
+    """
+    from fastsam3d.io.read import Volume
+    from fastsam3d.predictor import load_predictor
+
+    cpu = torch.device("cpu")
+    pred, name = load_predictor(model, "cpu")
+    variants = [
+        ("reference", ReferenceSession, pred),
+        ("session", Session, pred),
+        ("session-torch-threads", Session, Predictor(pred.model, "cpu", click_threads=None)),
+    ]
+    rows = []
+    for case in cases:
+        shape, spacing = REFINE_CASES[case]
+        raw, click = ct_like_volume(shape, spacing=spacing)
+        volume = Volume(raw.array.astype(np.float32), raw.affine)
+        base, base_labels = None, None
+        for variant, cls, p in variants:
+            s = cls(p, max_new_tiles=0, history=2)
+            first = time_ms(
+                lambda s=s: (s.set_volume(volume), s.add_point(click)), cpu, 1, warmup=1
+            )
+            clicks = iter(range(10**6))
+            refine = time_ms(
+                lambda s=s: s.add_point(click + [4 + next(clicks) % 5, 0, 0], positive=False),
+                cpu, repeats, warmup=2,
+            )  # fmt: skip
+            obj = s._objects[s.active_object]
+            tile = obj.tiles[-1]  # the session's model step alone, on the last click's prompts
+            model_ms = time_ms(
+                lambda s=s: s._predict(tile.grid, obj, tile.logits), cpu, repeats, warmup=1
+            )
+            row = {
+                "kind": "refine", "case": case, "variant": variant, "model": name,
+                "shape": list(shape), "spacing_mm": list(spacing),
+                "first_click_ms": first["median_ms"], "refine_click_ms": refine["median_ms"],
+                "refine_p90_ms": refine["p90_ms"], "model_ms": model_ms["median_ms"],
+                "mask_voxels": int((s.label_map > 0).sum()), "threads": torch.get_num_threads(),
+                "click_threads": p.click_threads,
+            }  # fmt: skip
+            if base is None:
+                base, base_labels = row, s.label_map
+            else:
+                row["refine_ratio"] = base["refine_click_ms"] / row["refine_click_ms"]
+                row["labels_equal"] = bool(np.array_equal(s.label_map, base_labels))
+                masks = (torch.from_numpy(m > 0) for m in (s.label_map, base_labels))
+                row["dice"] = dice(*masks)
+            rows.append(row)
+    return rows
 
 
 def bench_pipeline(
@@ -637,7 +784,6 @@ def _pipeline_once(src: Path, pred: Predictor, click: np.ndarray, out: Path) -> 
     """One pass of the file -> mask path, each stage timed in ms."""
     from fastsam3d.io.read import load_volume
     from fastsam3d.io.write import save_mask
-    from fastsam3d.session import Session
 
     t = [time.perf_counter()]
     volume = load_volume(src)
