@@ -113,13 +113,13 @@ class _SparseMask:
 
     def with_region(self, lo: np.ndarray, hi: np.ndarray, values: np.ndarray) -> _SparseMask:
         """A new mask equal to this one with the box [lo, hi) replaced by ``values``."""
-        if self.arr.size:
-            new_lo = np.minimum(lo, self.lo)
-            new_hi = np.maximum(hi, np.asarray(self.lo) + self.arr.shape)
+        old = _mask_box(self)
+        if old is None or (np.all(old[0] >= lo) and np.all(old[1] <= hi)):
+            merged, new_lo = values, np.asarray(lo)  # the box holds all of the old mask
         else:
-            new_lo, new_hi = np.asarray(lo), np.asarray(hi)
-        merged = self.region(new_lo, new_hi)
-        merged[tuple(slice(a - b, c - b) for a, b, c in zip(lo, new_lo, hi))] = values
+            new_lo, new_hi = np.minimum(lo, old[0]), np.maximum(hi, old[1])
+            merged = self.region(new_lo, new_hi)
+            merged[tuple(slice(a - b, c - b) for a, b, c in zip(lo, new_lo, hi))] = values
         box = _true_box(merged)
         if box is None:
             return _SparseMask()
@@ -540,17 +540,19 @@ class Session:
         # Outside the pasted boxes and the object's old mask both masks are False: the mask
         # update, the change test and the label-map update need only their union.
         active = _union_box([*pasted, _clip_box(_mask_box(obj.mask), lo, hi)])
-        region, mask = None, obj.mask
+        region, mask, mine = None, obj.mask, None
         if active is not None:
             a, b = active
             new = canvas[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))].cpu().numpy()
             # Only voxels where the object's mask changed can change in the label map: restrict
             # the label-map update (and the edit front ends repaint) to their bounding box.
             changed = _true_box(new != obj.mask.region(a, b))
-            region = None if changed is None else (a + changed[0], a + changed[1])
+            if changed is not None:
+                region = (a + changed[0], a + changed[1])
+                mine = new[tuple(slice(x, y) for x, y in zip(*changed))]
             mask = obj.mask.with_region(a, b, new)
         self._objects[oid] = replace(obj, tiles=tiles, mask=mask)
-        edit = self._apply(oid, region, before, t0)
+        edit = self._apply(oid, region, before, t0, mine=mine)
         edit.iou, edit.tiles = iou, len(tiles)
         return edit
 
@@ -561,9 +563,11 @@ class Session:
         before: dict[int, _Object],
         t0: float,
         active_before: int | None = None,
+        mine: np.ndarray | None = None,
     ) -> Edit:
         """Write object ``oid`` into the label map inside ``region`` (protect rule), refill
-        freed voxels from other objects, and push an undo step."""
+        freed voxels from other objects, and push an undo step. ``mine``: the object's mask
+        over ``region`` when the caller has it at hand."""
         active_before = self.active_object if active_before is None else active_before
         self.active_object = oid
         if region is None:
@@ -572,10 +576,15 @@ class Session:
         bbox = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         view = self.label_map[bbox]
         old = view.copy()
-        new = old * (old != oid)  # release the object's voxels, then claim its mask
+        new = np.empty_like(old)
         if new.size:
-            mine = self._objects[oid].mask.region(lo, hi) if oid in self._objects else np.zeros(view.shape, bool)
-            _put(new, mine & (new == 0) if self.protect else mine, oid)
+            if mine is None:
+                own = self._objects.get(oid)
+                mine = np.zeros(view.shape, bool) if own is None else own.mask.region(lo, hi)
+            step = max(1, _SLAB_VOXELS // new[0].size)  # temporaries stay in cache
+            for s in (slice(i, i + step) for i in range(0, len(new), step)):
+                np.multiply(old[s], old[s] != oid, out=new[s])  # release the object's voxels,
+                _put(new[s], mine[s] & (new[s] == 0) if self.protect else mine[s], oid)  # claim
             for other, obj in self._objects.items():  # freed voxels go back to other objects
                 box = _clip_box(_mask_box(obj.mask), lo, hi) if other != oid else None
                 if box is not None:
@@ -597,6 +606,9 @@ class Session:
         return Edit(oid, bbox, new.copy(), time.perf_counter() - t0)
 
 
+_SLAB_VOXELS = 1 << 20  # label-map voxels updated at a time
+
+
 def _put(arr: np.ndarray, where: np.ndarray, value: int) -> None:
     """``arr[where] = value`` as arithmetic: boolean indexing and masked copies branch per
     voxel and ran 4-7x slower on the noisy masks of a 270 x 270 x 190 box."""
@@ -608,12 +620,15 @@ def _put(arr: np.ndarray, where: np.ndarray, value: int) -> None:
 def _true_box(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Bounding box [lo, hi) of the True voxels of a 3D bool array, None if there are none.
 
-    From per-axis projections: argwhere listed every voxel (0.3 s on a 276 x 277 x 194 tile
-    box on the 2-core CPU)."""
-    spans = [np.flatnonzero(arr.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
-    if not len(spans[0]):
+    From projections: argwhere listed every voxel (0.3 s on a 276 x 277 x 194 tile box on the
+    2-core CPU), three full projections took 3.7 ms; here one per first-axis slab, then one
+    plane OR-ed over the slabs that hold True voxels (0.6 ms)."""
+    rows = np.flatnonzero(arr.any(axis=(1, 2)))
+    if not len(rows):
         return None
-    return np.array([sp[0] for sp in spans]), np.array([sp[-1] + 1 for sp in spans])
+    plane = arr[rows[0] : rows[-1] + 1].any(axis=0)
+    cols, deep = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return np.array([rows[0], cols[0], deep[0]]), np.array([rows[-1] + 1, cols[-1] + 1, deep[-1] + 1])
 
 
 def _mask_box(mask: _SparseMask) -> tuple[np.ndarray, np.ndarray] | None:
