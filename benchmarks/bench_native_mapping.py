@@ -11,7 +11,9 @@ tile, ~270 x 270 x 190) thresholded. Objects are cubes of positive low-res logit
 Session rows (``kind: refine``, ``fastsam3d.bench.bench_refine``): refinement clicks through
 the whole ``Session`` path with untrained weights on a 128^3 crop-sized volume and on a
 512 x 512 x 300 CT at 0.8 x 0.8 x 1.0 mm, against ``ReferenceSession`` (the straightforward
-stitching and label-map update) in the same run. ``ratio`` = baseline ms / this ms.
+stitching and label-map update) in the same run; ``--model ball`` gives local objects of ~1M
+voxels (as a trained model's) instead of the untrained model's tile-filling masks.
+``ratio`` = baseline ms / this ms.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--case", action="append", choices=list(REFINE_CASES), help="session cases")
+    ap.add_argument(
+        "--model", action="append", help="session models: untrained (default), ball, a checkpoint"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,8 +75,9 @@ def main() -> None:
             "torch": torch.__version__,
         }
         print(json.dumps(row), flush=True)
-    for row in bench_refine(repeats=args.repeats, cases=args.case or tuple(REFINE_CASES)):
-        print(json.dumps(row), flush=True)
+    for model in args.model or ["untrained"]:
+        for row in bench_refine(model, args.repeats, args.case or tuple(REFINE_CASES)):
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

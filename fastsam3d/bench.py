@@ -650,6 +650,29 @@ class ReferenceSession(Session):
         return Edit(oid, bbox, view.copy(), time.perf_counter() - t0)
 
 
+class BallPredictor(Predictor):
+    """A stand-in for a trained model's local masks (the untrained one's fill the crop): low-res
+    logits of a ball around the newest click, ``radius`` low-res voxels (of 32^3, 6 mm each at
+    the model's 1.5 mm) plus 2.5 per further positive click, 1.5 less after a negative one,
+    with noise seeded by the prompts (same prompts, same logits). Used by :func:`bench_refine`
+    and the session tests; the image encoder still runs."""
+
+    def __init__(self, model: torch.nn.Module, radius: float = 3.0, **options):
+        super().__init__(model, "cpu", **options)
+        self.radius = radius
+
+    def predict(self, points=None, labels=None, box=None, mask_input=None, multimask=False):
+        pts = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 3) / 4  # low-res voxels
+        lbl = torch.as_tensor(labels).reshape(-1)
+        radius = self.radius + 2.5 * (float((lbl == 1).sum()) - 1) - 1.5 * float(lbl[-1] == 0)
+        axis = torch.arange(LOW_RES, dtype=torch.float32) + 0.5
+        grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"))
+        dist = (grid - pts[-1].reshape(3, 1, 1, 1)).norm(dim=0)
+        gen = torch.Generator().manual_seed(int(pts.sum() * 1000) % 2**31)
+        logits = radius - dist + 0.8 * torch.randn(dist.shape, generator=gen)
+        return logits[None, None], torch.full((1, 1), 0.5)
+
+
 def bench_refine(
     model: str | torch.nn.Module = "untrained",
     repeats: int = 7,
@@ -659,22 +682,32 @@ def bench_refine(
 
     Cases: ``crop128`` (a 128^3 volume at 1.5 mm, one crop) and ``ct512`` (a loaded 512 x 512
     x 300 CT-like volume at 0.8 x 0.8 x 1.0 mm), one tile per click (``max_new_tiles=0``).
-    Variants: :class:`ReferenceSession` (baseline), the session, the session with the click
-    path on torch's threads instead of one. Each timed refinement is a new negative click
+    ``model``: as for :class:`~fastsam3d.session.Session`, or ``"ball"`` for
+    :class:`BallPredictor` objects of ~1M voxels on the CT (a trained model's masks are local;
+    the untrained model's fill the tile, the worst case here). Variants:
+    :class:`ReferenceSession` (baseline), the session, and (real models) the session with the
+    click path on torch's threads instead of one. Each timed refinement is a new negative click
     beside the first (the same sequence for every variant; history 2, so memory stays flat);
     ``model_ms`` times the predictor alone on the last click's prompts, ``labels_equal`` /
     ``dice`` compare the final label map with the baseline's.
     """
     from fastsam3d.io.read import Volume
     from fastsam3d.predictor import load_predictor
+    from fastsam3d.registry import build_model
 
     cpu = torch.device("cpu")
-    pred, name = load_predictor(model, "cpu")
-    variants = [
-        ("reference", ReferenceSession, pred),
-        ("session", Session, pred),
-        ("session-torch-threads", Session, Predictor(pred.model, "cpu", click_threads=None)),
-    ]
+    if model == "ball":
+        torch.manual_seed(0)
+        pred, name = BallPredictor(build_model(), radius=9.0), "ball (BallPredictor, radius 9)"
+        variants = [("reference", ReferenceSession, pred), ("session", Session, pred)]
+    else:
+        pred, name = load_predictor(model, "cpu")
+        threads = Predictor(pred.model, "cpu", click_threads=None)
+        variants = [
+            ("reference", ReferenceSession, pred),
+            ("session", Session, pred),
+            ("session-torch-threads", Session, threads),
+        ]
     rows = []
     for case in cases:
         shape, spacing = REFINE_CASES[case]

@@ -8,36 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from fastsam3d.bench import ReferenceSession
+from fastsam3d.bench import BallPredictor, ReferenceSession
 from fastsam3d.io.read import Volume
-from fastsam3d.predictor import Predictor
 from fastsam3d.registry import build_model
 from fastsam3d.session import Session
 
 
-class _BallPredictor(Predictor):
-    """Predictable local objects: low-res logits of a ball around the newest click whose radius
-    grows with the positive clicks and shrinks with the negative ones, plus noise seeded by the
-    prompts (so both sessions get the same logits for the same prompts). Balls that reach a
-    crop face make the session grow neighbouring tiles."""
-
-    def predict(self, points=None, labels=None, box=None, mask_input=None, multimask=False):
-        pts = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 3) / 4  # low-res voxels
-        lbl = torch.as_tensor(labels).reshape(-1)
-        radius = 3.0 + 2.5 * float((lbl == 1).sum()) - 2.0 * float((lbl == 0).sum())
-        axis = torch.arange(32, dtype=torch.float32) + 0.5
-        dist = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")) - pts[-1].reshape(3, 1, 1, 1)
-        gen = torch.Generator().manual_seed(int(pts.sum() * 1000) % 2**31)
-        logits = radius - dist.norm(dim=0) + 0.8 * torch.randn(32, 32, 32, generator=gen)
-        return logits[None, None], torch.full((1, 1), 0.5)
-
-
-def _predictor() -> Predictor:
+def _predictor() -> BallPredictor:
     torch.manual_seed(0)
     model = build_model(
         "fastsam3d_dilated", embed_dim=48, depth=3, num_heads=3, out_chans=32, prompt_embed_dim=32
     )
-    return _BallPredictor(model, "cpu")
+    return BallPredictor(model, radius=6.0)
 
 
 def _volume(affine: np.ndarray, shape=(150, 130, 70)) -> Volume:
