@@ -413,6 +413,18 @@ def table(rows: list[dict]) -> str:
                 f"{r.get('first_click_ratio', 1.0):7.2f} {r.get('refine_click_ratio', 1.0):6.2f} "
                 f"{r['peak_rss_bytes'] / 2**20:8.0f}"
             )
+    refine = [r for r in rows if r.get("kind") == "refine"]
+    if refine:
+        lines.append(
+            f"\n{'refinement':8} {'variant':22} {'first ms':>9} {'refine ms':>10} {'model ms':>9} "
+            f"{'x ref':>6} {'equal':>6}"
+        )
+        for r in refine:
+            lines.append(
+                f"{r['case']:8} {r['variant']:22} {r['first_click_ms']:9.0f} "
+                f"{r['refine_click_ms']:10.1f} {r['model_ms']:9.1f} "
+                f"{r.get('refine_ratio', 1.0):6.2f} {str(r.get('labels_equal', '')):>6}"
+            )
     onnx_rows = [r for r in rows if r.get("kind") == "onnx"]
     for r in onnx_rows:
         lines.append(

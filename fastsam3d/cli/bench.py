@@ -26,6 +26,9 @@ def bench(
         bool, typer.Option(help="CPU: file -> mask for a 512x512x300 CT-like volume.")
     ] = False,
     onnx: Annotated[bool, typer.Option(help="CPU: onnxruntime beside torch.")] = False,
+    refine: Annotated[
+        bool, typer.Option(help="CPU: refinement clicks through the Session, 128^3 and a CT.")
+    ] = False,
 ) -> None:
     """Print JSON lines (each figure beside a same-run eager float32 baseline) and a table.
 
@@ -43,6 +46,8 @@ def bench(
         extra += b.bench_sparse(device)
     if pipeline:
         extra += b.bench_pipeline(checkpoint=ckpt)
+    if refine:
+        extra += b.bench_refine(ckpt or "untrained")
     if onnx:
         name = (arch or ["fastsam3d_dilated"])[0]
         with tempfile.TemporaryDirectory() as tmp:
