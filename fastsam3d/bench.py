@@ -416,7 +416,7 @@ def table(rows: list[dict]) -> str:
     refine = [r for r in rows if r.get("kind") == "refine"]
     if refine:
         lines.append(
-            f"\n{'refinement':8} {'variant':22} {'first ms':>9} {'refine ms':>10} {'model ms':>9} "
+            f"\n{'case':8} {'variant':22} {'first ms':>9} {'refine ms':>10} {'model ms':>9} "
             f"{'x ref':>6} {'equal':>6}"
         )
         for r in refine:
