@@ -628,7 +628,8 @@ def _true_box(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     plane = arr[rows[0] : rows[-1] + 1].any(axis=0)
     cols, deep = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
-    return np.array([rows[0], cols[0], deep[0]]), np.array([rows[-1] + 1, cols[-1] + 1, deep[-1] + 1])
+    lo = np.array([rows[0], cols[0], deep[0]])
+    return lo, np.array([rows[-1], cols[-1], deep[-1]]) + 1
 
 
 def _mask_box(mask: _SparseMask) -> tuple[np.ndarray, np.ndarray] | None:
