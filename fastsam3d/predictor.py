@@ -8,8 +8,9 @@ objects. Torch only: no file I/O beyond the checkpoint, no geometry.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,9 @@ class Predictor:
         quantize: None or ``"int8"`` (CPU only: dynamic int8 quantisation of the image encoder's
             Linear layers, weights int8, activations quantised per call, fbgemm kernels; the
             decoder stays float32 because its small matrices ran 5x slower quantised).
-        click_threads: CPU threads for the click path (prompt encoder + decoder), None to
-            leave torch's setting. The decoder is a chain of small operations whose OpenMP
+        click_threads: CPU threads for the click path (prompt encoder + decoder; the session
+            maps the click's logits to the native grid on them too), None to leave torch's
+            setting. The decoder is a chain of small operations whose OpenMP
             barriers stall whenever another process (or the GUI) holds a core: on the 2-core
             CI machine a refinement took 318 ms with 2 threads and 91 ms with 1, and 1944 vs
             292 ms with one core busy (benchmarks/NOTES.md). The setting is process-wide
@@ -241,14 +243,23 @@ class Predictor:
             tuple(self._embedding.shape),
         )
         args = (self._embedding, self._dense_pe, pts, boxes, masks, multimask)
-        if self.click_threads is None:
+        with cpu_threads(self.click_threads):
             return self._run("click", self._click, args, key)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.click_threads)
-        try:
-            return self._run("click", self._click, args, key)
-        finally:
-            torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` inside the block (None: left as it is),
+    restored after: a click's work on a shared CPU (see ``Predictor(click_threads=...)``)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class CudaGraph:
