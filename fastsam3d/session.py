@@ -31,7 +31,11 @@ Crop policy (how one model crop of 128^3 voxels at 1.5 mm = 192 mm covers any ob
    agrees with the carried-over mask where the two tiles overlap (Dice >= ``grow_agreement``
    at low resolution): a neighbour that leaks into other tissue disagrees there and is dropped,
    so one leak does not run on across the volume. At most ``max_new_tiles`` tiles are opened
-   per interaction, which bounds the latency.
+   per interaction, which bounds the latency. **Off by default** (``max_new_tiles=0``): with
+   the bundled model, growth lowered the mean Dice of 45 CT labels after 1 / 3 / 5 clicks from
+   0.24 / 0.31 / 0.39 to 0.19 / 0.24 / 0.28 (the liver too: 0.77 -> 0.67 after 5 clicks),
+   because grown tiles follow over-segmentation more often than they complete a cut organ;
+   step 3 still covers a large organ when the user clicks its uncovered part.
 5. Tiles are stitched on the native grid: each tile's logits are mapped back (trilinear, on the
    logits) and, where tiles overlap, the most recently predicted tile wins.
 
@@ -159,7 +163,8 @@ class Session:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         protect: never overwrite voxels of other objects.
         click_history: ``"all"`` clicks of the object inside the tile, or only the ``"last"``.
-        max_new_tiles: how many tiles one interaction may open (bounds latency).
+        max_new_tiles: how many neighbouring tiles one interaction may grow into (policy step
+            4; 0, the default, grows none).
         history: how many steps undo keeps.
     """
 
@@ -174,7 +179,7 @@ class Session:
         *,
         protect: bool = True,
         click_history: str = "all",
-        max_new_tiles: int = 6,
+        max_new_tiles: int = 0,
         history: int = 32,
     ):
         if isinstance(model, Predictor | OnnxPredictor):

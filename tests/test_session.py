@@ -103,16 +103,22 @@ def test_unprotected_session_lets_the_new_object_win():
 def test_large_object_is_tiled_and_stitched_without_seams():
     # 300 mm along i: more than one 192 mm crop; the object fills everything.
     vol = _volume(shape=(200, 30, 30), spacing=1.5)
-    s = Session(_constant_model(+1.0), device="cpu")
+    s = Session(_constant_model(+1.0), device="cpu", max_new_tiles=6)
     s.set_volume(vol)
     edit = s.add_point((100, 15, 15))
     assert edit.tiles == 3  # centre tile + one neighbour on each side along i
     assert (s.label_map == 1).all()
 
 
+def test_tile_growth_is_off_by_default():
+    s = Session(_constant_model(+1.0), device="cpu")
+    s.set_volume(_volume(shape=(200, 30, 30), spacing=1.5))
+    assert s.add_point((100, 15, 15)).tiles == 1  # cut at the crop until the user clicks beyond
+
+
 def test_a_grown_tile_must_agree_with_its_parent_in_the_overlap():
     vol = _volume(shape=(200, 30, 30), spacing=1.5)
-    s = Session(_constant_model(+1.0), device="cpu")
+    s = Session(_constant_model(+1.0), device="cpu", max_new_tiles=6)
     s.grow_agreement = 1.01  # no neighbour can agree this well: none is kept
     s.set_volume(vol)
     edit = s.add_point((100, 15, 15))

@@ -69,8 +69,8 @@ def evaluate(
     max_tiles: Annotated[
         int | None,
         typer.Option(
-            help="Crops one click may add beyond its own as the mask grows (default: the "
-            "session's; 0: one 128^3 crop per click, which measures the model without tiling)."
+            help="Neighbouring crops one click may grow into where the mask reaches a crop "
+            "face (default: the session's, 0: one 128^3 crop per click)."
         ),
     ] = None,
     box: Annotated[
