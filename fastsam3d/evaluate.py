@@ -18,8 +18,9 @@ The **baseline** gets the very same clicks: SimpleITK ``ConfidenceConnected`` re
 beyond them (unbounded growth leaks through soft tissue: on the sample CT a 40 mm window
 roughly triples its one-click Dice); then every grown voxel goes to its nearest click (in mm) and is
 kept only if that click is positive (so negative clicks cut away the region around them); finally
-only components touching a positive click remain. For the box protocol the seed before any click
-is the box centre and growth stays inside the box.
+only components touching a positive click remain. For the box protocol the seed before any
+positive click is the box centre, which then also counts as a positive click when negative
+clicks cut, and growth stays inside the box.
 """
 
 from __future__ import annotations
@@ -153,8 +154,11 @@ class RegionGrowing:
         from scipy import ndimage
 
         seeds = [tuple(int(v) for v in c) for c, pos in clicks if pos]
+        anchors = list(clicks)  # the points that own voxels when negative clicks cut
         if box is not None and not seeds:
-            seeds = [tuple(int(v) for v in (box[0] + box[1]) // 2)]
+            centre = (np.asarray(box[0]) + np.asarray(box[1])) // 2
+            seeds = [tuple(int(v) for v in centre)]
+            anchors.append((centre, True))  # the box's seed keeps its surroundings
         if not seeds:
             return np.zeros(self.shape, bool)
         multiplier, iterations, radius = self.params
@@ -177,7 +181,7 @@ class RegionGrowing:
         if any(not pos for _, pos in clicks):
             # Each voxel follows its nearest click (in mm): negative clicks cut their surroundings.
             near = np.zeros(region.shape, np.int32)
-            for n, (c, _) in enumerate(clicks, 1):
+            for n, (c, _) in enumerate(anchors, 1):
                 idx = tuple(int(v) for v in np.asarray(c) - offset)
                 if all(0 <= a < b for a, b in zip(idx, region.shape)):
                     near[idx] = n
@@ -185,7 +189,7 @@ class RegionGrowing:
                 near == 0, sampling=self.spacing, return_indices=True
             )
             owner = near[tuple(nearest)]
-            positive = np.array([False] + [bool(p) for _, p in clicks])
+            positive = np.array([False] + [bool(p) for _, p in anchors])
             region &= positive[owner]
         components, _ = ndimage.label(region)
         keep = {components[s] for s in local if all(0 <= a < b for a, b in zip(s, region.shape))}

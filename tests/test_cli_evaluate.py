@@ -69,6 +69,11 @@ def test_baseline_region_growing_on_phantom(phantom):
     cut = grower.segment([(seed, True), (far, False)])
     assert cut.sum() < grown.sum() and not cut[tuple(far)]
     assert not grower.segment([(far, False)]).any()
+    # from a box, a negative click cuts only its side: the box centre keeps the rest
+    box = (np.argwhere(gt).min(0), np.argwhere(gt).max(0))
+    boxed = grower.segment([], box=box)
+    cut = grower.segment([(far, False)], box=box)
+    assert 0 < cut.sum() < boxed.sum() and not cut[tuple(far)]
 
 
 def test_evaluate_case_rows_model_beside_baseline(phantom):
