@@ -32,10 +32,11 @@ Crop policy (how one model crop of 128^3 voxels at 1.5 mm = 192 mm covers any ob
    at low resolution): a neighbour that leaks into other tissue disagrees there and is dropped,
    so one leak does not run on across the volume. At most ``max_new_tiles`` tiles are opened
    per interaction, which bounds the latency. **Off by default** (``max_new_tiles=0``): with
-   the bundled model, growth lowered the mean Dice of 45 CT labels after 1 / 3 / 5 clicks from
-   0.24 / 0.31 / 0.39 to 0.19 / 0.24 / 0.28 (the liver too: 0.77 -> 0.67 after 5 clicks),
-   because grown tiles follow over-segmentation more often than they complete a cut organ;
-   step 3 still covers a large organ when the user clicks its uncovered part.
+   the bundled model, growth (up to 6 tiles) lowered the mean Dice of 45 CT labels after
+   1 / 3 / 5 clicks from 0.25 / 0.36 / 0.41 to 0.22 / 0.33 / 0.38 (better on only 7 of 45
+   labels after 5 clicks; the liver: 0.72 -> 0.62), because grown tiles follow over-segmentation
+   more often than they complete a cut organ; step 3 still covers a large organ when the user
+   clicks its uncovered part.
 5. Tiles are stitched on the native grid: each tile's logits are mapped back (trilinear, on the
    logits) and, where tiles overlap, the most recently predicted tile wins.
 

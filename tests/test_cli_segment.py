@@ -67,6 +67,22 @@ def test_default_model_without_weights_says_so(data, tmp_path: Path):
     assert not (tmp_path / "m.nii.gz").exists()
 
 
+def test_readme_command_segments_the_sample_liver_with_the_bundled_model(tmp_path: Path):
+    """README command 1 (no --model): the bundled default weights find the liver (label 5)."""
+    from fastsam3d.sample_data import load_sample
+    from fastsam3d.weights import default_checkpoint
+
+    if default_checkpoint() is None:
+        pytest.skip("no default weights bundled")
+    out = tmp_path / "liver.nii.gz"
+    run = run_cli("segment", "sample", "-o", out, "--point", "92,51,100")
+    assert run.returncode == 0, run.stderr
+    mask = load_volume(out).array > 0
+    liver = load_sample()[1] == 5
+    dice = 2 * (mask & liver).sum() / (mask.sum() + liver.sum())
+    assert dice > 0.6, dice  # 0.724 measured when v5 was shipped
+
+
 @pytest.mark.slow
 def test_batch_with_corrupt_case_then_resume(data, tmp_path: Path):
     inp = tmp_path / "cases"

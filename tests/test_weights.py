@@ -6,10 +6,12 @@ import pytest
 
 from fastsam3d.weights import DEFAULT_FILE, KNOWN_CHECKPOINTS, default_checkpoint
 
-# Dice of the bundled model on the sample CT's liver (label 5) after 3 simulated clicks with the
-# evaluation protocol (seed 2023), measured on CPU when the weights were made: 0.322
-# (MODEL_CARD.md). The floor leaves room for thread-count rounding only.
-LIVER_DICE_3_CLICKS_FLOOR = 0.25
+# Dice of the bundled model (v5, int8) on the sample CT's liver (label 5) after 5 simulated
+# clicks with the evaluation protocol (seed 2023, one crop per click, the session default),
+# measured on CPU when the weights were shipped: 0.716 (MODEL_CARD.md; the region-growing
+# baseline: 0.613). The floor leaves room for thread-count and BLAS rounding, not for a worse
+# model.
+LIVER_DICE_5_CLICKS_FLOOR = 0.65
 
 
 def test_default_checkpoint_is_the_bundled_file_or_none() -> None:
@@ -32,7 +34,7 @@ def test_bundled_weights_segment_the_sample_volume() -> None:
     assert model.config.arch == "fastsam3d_dilated" and model.config.accepts_boxes
     volume, label, _ = load_sample()
     rows = evaluate_case(
-        Session("default", device="cpu"), volume, label, [5], n_clicks=3, baseline=False, box=False
+        Session("default", device="cpu"), volume, label, [5], n_clicks=5, baseline=False, box=False
     )
-    dice = next(r.dice for r in rows if r.step == 3)
-    assert dice >= LIVER_DICE_3_CLICKS_FLOOR, dice
+    dice = next(r.dice for r in rows if r.step == 5)
+    assert dice >= LIVER_DICE_5_CLICKS_FLOOR, dice

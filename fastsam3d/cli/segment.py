@@ -60,8 +60,8 @@ def make_session(model: str, device: str, **options):
 
     if model == UNTRAINED:
         console.print(
-            "[bold yellow]warning:[/] no trained weights are bundled yet; --model untrained runs "
-            "the real pipeline with RANDOM weights: the mask it writes is meaningless",
+            "[bold yellow]warning:[/] --model untrained runs the real pipeline with RANDOM "
+            "weights: the mask it writes is meaningless",
             highlight=False,
         )
     return Session(model=model, device=device, **options)
