@@ -22,6 +22,10 @@ from fastsam3d.registry import build_from_config, build_model, get_config
 REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 TOL32 = 1e-4
 TOL16 = 2e-3  # fp16 rounding is emulated; SPEC allows ~5e-3 without emulation
+# The same fp16 casts as the fixtures: one fp16 rounding step flips where the fp32 matmul before
+# it differs in the last bits, which another CPU's BLAS kernels do (AVX2: <= 1e-4; an AVX-512
+# Xeon: 1.9e-4 in the embedding, 2.5e-4 in the decoder's logits).
+TOL16_MATH = 5e-4
 
 if not REF.is_dir():
     if os.environ.get("CI"):
@@ -150,10 +154,11 @@ def test_student_parity(student_outputs: tuple, student_io: np.lib.npyio.NpzFile
 
 
 # The fixtures' flash-attn stand-in computes softmax((q*scale) k^T) v in fp32 on fp16-rounded
-# inputs: our "math" backend reproduces the fp16 outputs exactly, SDPA within fp16 rounding.
+# inputs: our "math" backend reproduces the fp16 outputs up to BLAS-dependent rounding flips,
+# SDPA within fp16 rounding.
 SPARSE_CASES = [
     ("sparse32_", False, "sdpa", TOL32),
-    ("sparse16_", True, "math", TOL32),
+    ("sparse16_", True, "math", TOL16_MATH),
     ("sparse16_", True, "sdpa", TOL16),
 ]
 
@@ -187,7 +192,7 @@ def test_sparse_token_order(student_io: np.lib.npyio.NpzFile) -> None:
 
 FLASHDEC_CASES = [
     ("flashdec32_", False, "sdpa", TOL32),
-    ("flashdec16_", True, "math", TOL32),
+    ("flashdec16_", True, "math", TOL16_MATH),
     ("flashdec16_", True, "sdpa", TOL16),
 ]
 
