@@ -59,26 +59,53 @@ class PointPrompt:
     coords: str = "voxel"
 
 
+@dataclass(frozen=True)
+class BoxPrompt:
+    """A 3D box around an object: opposite corners in ``coords``, its object."""
+
+    lo: tuple[float, float, float]
+    hi: tuple[float, float, float]
+    object_id: int = 1
+    coords: str = "voxel"
+
+
 @dataclass
 class CasePrompts:
-    """The prompts of one case: a prompt log to replay, and/or points clicked in order after it."""
+    """The prompts of one case: a prompt log to replay, then boxes (each an object's first
+    prompt), then points clicked in order."""
 
     log: PromptLog | None = None
     points: list[PointPrompt] = field(default_factory=list)
+    boxes: list[BoxPrompt] = field(default_factory=list)
 
     def check(self, volume: Volume) -> None:
-        """Raise PromptError naming the first point outside ``volume`` (before any click runs,
-        so a bad point costs no model time and leaves nothing half-done)."""
-        for n, p in enumerate(self.points, 1):
-            vox = geometry.to_voxel(np.asarray(p.xyz, dtype=np.float64), p.coords, volume.affine)[0]
-            xyz = ", ".join(f"{v:g}" for v in p.xyz)
-            geometry.check_inside(vox, volume.array.shape, what=f"click {n} ({xyz} {p.coords})")
+        """Raise PromptError naming the first point or box corner outside ``volume`` (before
+        any prompt runs, so a bad one costs no model time and leaves nothing half-done)."""
+        corners = [
+            (f"box {n} corner", c, b.coords)
+            for n, b in enumerate(self.boxes, 1)
+            for c in (b.lo, b.hi)
+        ]
+        clicks = [(f"click {n}", p.xyz, p.coords) for n, p in enumerate(self.points, 1)]
+        for what, xyz, coords in corners + clicks:
+            vox = geometry.to_voxel(np.asarray(xyz, dtype=np.float64), coords, volume.affine)[0]
+            text = ", ".join(f"{v:g}" for v in xyz)
+            geometry.check_inside(vox, volume.array.shape, what=f"{what} ({text} {coords})")
 
     def apply(self, session: Session) -> None:
-        """Run the prompts on the session's current volume; errors name the click."""
+        """Run the prompts on the session's current volume; errors name the box or click."""
         self.check(session.volume)
         if self.log is not None:
             session.replay(self.log)
+        for n, b in enumerate(self.boxes, 1):
+            try:
+                if b.object_id not in session.objects:
+                    session.new_object(b.object_id)
+                session.add_box(b.lo, b.hi, b.object_id, b.coords)
+            except FastSAM3DError as err:
+                raise PromptError(
+                    f"box {n} of {len(self.boxes)} (object {b.object_id}): {err}"
+                ) from None
         for n, p in enumerate(self.points, 1):
             try:
                 if p.object_id not in session.objects:
@@ -146,6 +173,19 @@ def parse_point(text: str, coords: str = "voxel") -> PointPrompt:
         else:
             positive = parse_bool(tag, where)
     return PointPrompt(_xyz(head.split(","), where), positive, object_id, _coords(coords, where))
+
+
+def parse_box(text: str, coords: str = "voxel") -> BoxPrompt:
+    """A command-line box ``X0,Y0,Z0,X1,Y1,Z1[:OBJECT_ID]`` (opposite corners), e.g.
+    ``40,30,60,90,80,110:2``."""
+    where = f"--box {text!r}"
+    head, *tags = text.split(":")
+    values = head.split(",")
+    if len(values) != 6 or len(tags) > 1:
+        raise PromptError(f"{where}: expected X0,Y0,Z0,X1,Y1,Z1[:OBJECT_ID]")
+    object_id = _object_id(tags[0], where) if tags else 1
+    lo, hi = _xyz(values[:3], where, "box"), _xyz(values[3:], where, "box")
+    return BoxPrompt(lo, hi, object_id, _coords(coords, where))
 
 
 def _point_from_json(item: Any, where: str, coords: str) -> PointPrompt:

@@ -10,10 +10,12 @@ import pytest
 from _cli_data import tiny_model, write_phantom
 
 from fastsam3d.batch import (
+    BoxPrompt,
     CasePrompts,
     PointPrompt,
     check_outputs,
     discover_cases,
+    parse_box,
     parse_point,
     plan_batch,
     read_prompts,
@@ -34,6 +36,35 @@ def test_parse_point_forms():
         parse_point("1,2,3:maybe")
     with pytest.raises(PromptError, match="3 finite numbers"):
         parse_point("1,2")
+
+
+def test_parse_box_forms():
+    assert parse_box("1,2,3,4,5,6") == BoxPrompt((1.0, 2.0, 3.0), (4.0, 5.0, 6.0), 1, "voxel")
+    assert parse_box("1,2,3,4,5,6:2", "lps") == BoxPrompt((1, 2, 3), (4, 5, 6), 2, "lps")
+    for bad in ("1,2,3,4,5", "1,2,3,4,5,6:2:3", "1,2,3,4,5,x"):
+        with pytest.raises(PromptError, match="--box"):
+            parse_box(bad)
+
+
+def test_boxes_run_before_the_clicks_and_are_checked_first(tmp_path: Path):
+    from fastsam3d.session import Session
+
+    image, _ = write_phantom(tmp_path, "p")
+    session = Session(tiny_model(), device="cpu")
+    session.set_volume(load_volume(image))
+    prompts = CasePrompts(
+        points=[PointPrompt(INSIDE)], boxes=[BoxPrompt((8, 12, 10), (20, 30, 24), 2)]
+    )
+    prompts.apply(session)
+    assert [(e.op, e.object_id) for e in session.log.events if e.op in ("box", "point")] == [
+        ("box", 2),
+        ("point", 1),
+    ]
+    outside = CasePrompts(
+        boxes=[BoxPrompt((8, 12, 10), (20, 30, 99))], points=[PointPrompt(INSIDE)]
+    )
+    with pytest.raises(PromptError, match=r"box 1 corner \(20, 30, 99 voxel\)"):
+        outside.apply(session)
 
 
 def test_json_prompt_file_forms(tmp_path: Path):

@@ -68,7 +68,8 @@ def test_default_model_without_weights_says_so(data, tmp_path: Path):
 
 
 def test_readme_command_segments_the_sample_liver_with_the_bundled_model(tmp_path: Path):
-    """README command 1 (no --model): the bundled default weights find the liver (label 5)."""
+    """README command 1 (no --model): the bundled default weights find the liver (label 5),
+    from a click and from a box plus a click."""
     from fastsam3d.sample_data import load_sample
     from fastsam3d.weights import default_checkpoint
 
@@ -81,6 +82,15 @@ def test_readme_command_segments_the_sample_liver_with_the_bundled_model(tmp_pat
     liver = load_sample()[1] == 5
     dice = 2 * (mask & liver).sum() / (mask.sum() + liver.sum())
     assert dice > 0.6, dice  # 0.724 measured when v5 was shipped
+    # a box around the liver (its reference bounding box), then the same click
+    run = run_cli(
+        "segment", "sample", "-o", out, "--box", "37,25,69,104,86,111", "--point", "92,51,100",
+        "--overwrite",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    mask = load_volume(out).array > 0
+    dice = 2 * (mask & liver).sum() / (mask.sum() + liver.sum())
+    assert dice > 0.65, dice  # 0.762 measured when v5 was shipped
 
 
 @pytest.mark.slow

@@ -95,12 +95,21 @@ def segment(
             help="Click X,Y,Z[:pos|:neg][:OBJECT_ID]; repeat for successive clicks.",
         ),
     ] = None,
+    box: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--box",
+            "-b",
+            help="Box X0,Y0,Z0,X1,Y1,Z1[:OBJECT_ID] (opposite corners) as an object's first "
+            "prompt, before the clicks; repeatable (one per object).",
+        ),
+    ] = None,
     prompts: Annotated[
         Path | None,
         typer.Option(help="Prompt log (.json, one volume) or prompts file (.json/.csv, a batch)."),
     ] = None,
     coords: Annotated[
-        str, typer.Option(help="Coordinates of points: voxel, ras or lps.")
+        str, typer.Option(help="Coordinates of points and boxes: voxel, ras or lps.")
     ] = "voxel",
     model: Annotated[
         str,
@@ -123,15 +132,18 @@ def segment(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
 ) -> None:
     """Segment a volume from clicks, or every case of a folder from a prompts file."""
-    from fastsam3d.batch import CasePrompts, parse_point, read_prompts
+    from fastsam3d.batch import CasePrompts, parse_box, parse_point, read_prompts
 
     setup_logging(verbose, quiet)
     with user_errors():
         points = [parse_point(p, coords) for p in point or []]
+        boxes = [parse_box(b, coords) for b in box or []]
         case_prompts = read_prompts(prompts, coords) if prompts is not None else None
         if isinstance(case_prompts, dict):
-            if points:
-                raise PromptError("--point cannot be combined with a multi-case prompts file")
+            if points or boxes:
+                raise PromptError(
+                    "--point and --box cannot be combined with a multi-case prompts file"
+                )
             code = _run_batch(
                 Path(input),
                 output,
@@ -149,9 +161,12 @@ def segment(
             )
             raise typer.Exit(code)
         single = case_prompts or CasePrompts()
-        single = replace(single, points=[*single.points, *points])
-        if single.log is None and not single.points:
-            raise PromptError("no prompts: give at least one --point X,Y,Z or --prompts FILE")
+        single = replace(single, points=[*single.points, *points], boxes=boxes)
+        if single.log is None and not single.points and not single.boxes:
+            raise PromptError(
+                "no prompts: give at least one --point X,Y,Z, --box X0,Y0,Z0,X1,Y1,Z1 "
+                "or --prompts FILE"
+            )
         _run_single(input, output, single, model, device, overwrite, json_output, quiet)
 
 
