@@ -89,34 +89,32 @@ class CasePrompts:
         clicks = [(f"click {n}", p.xyz, p.coords) for n, p in enumerate(self.points, 1)]
         for what, xyz, coords in corners + clicks:
             vox = geometry.to_voxel(np.asarray(xyz, dtype=np.float64), coords, volume.affine)[0]
-            text = ", ".join(f"{v:g}" for v in xyz)
-            geometry.check_inside(vox, volume.array.shape, what=f"{what} ({text} {coords})")
+            geometry.check_inside(vox, volume.array.shape, what=f"{what} ({_fmt(xyz)} {coords})")
 
     def apply(self, session: Session) -> None:
         """Run the prompts on the session's current volume; errors name the box or click."""
         self.check(session.volume)
         if self.log is not None:
             session.replay(self.log)
-        for n, b in enumerate(self.boxes, 1):
+        numbered = [(f"box {n} of {len(self.boxes)} (", b) for n, b in enumerate(self.boxes, 1)]
+        numbered += [
+            (f"click {n} of {len(self.points)} ({_fmt(p.xyz)} {p.coords}, ", p)
+            for n, p in enumerate(self.points, 1)
+        ]
+        for what, prompt in numbered:
             try:
-                if b.object_id not in session.objects:
-                    session.new_object(b.object_id)
-                session.add_box(b.lo, b.hi, b.object_id, b.coords)
+                if prompt.object_id not in session.objects:
+                    session.new_object(prompt.object_id)
+                if isinstance(prompt, BoxPrompt):
+                    session.add_box(prompt.lo, prompt.hi, prompt.object_id, prompt.coords)
+                else:
+                    session.add_point(prompt.xyz, prompt.positive, prompt.object_id, prompt.coords)
             except FastSAM3DError as err:
-                raise PromptError(
-                    f"box {n} of {len(self.boxes)} (object {b.object_id}): {err}"
-                ) from None
-        for n, p in enumerate(self.points, 1):
-            try:
-                if p.object_id not in session.objects:
-                    session.new_object(p.object_id)
-                session.add_point(p.xyz, p.positive, p.object_id, p.coords)
-            except FastSAM3DError as err:
-                xyz = ", ".join(f"{v:g}" for v in p.xyz)
-                raise PromptError(
-                    f"click {n} of {len(self.points)} ({xyz} {p.coords}, "
-                    f"object {p.object_id}): {err}"
-                ) from None
+                raise PromptError(f"{what}object {prompt.object_id}): {err}") from None
+
+
+def _fmt(xyz: tuple[float, float, float]) -> str:
+    return ", ".join(f"{v:g}" for v in xyz)
 
 
 def parse_bool(value: Any, where: str) -> bool:
