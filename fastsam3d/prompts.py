@@ -38,7 +38,9 @@ class PromptEvent:
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
-            raise PromptError(f"unknown prompt operation {self.op!r}; expected one of {', '.join(OPS)}")
+            raise PromptError(
+                f"unknown prompt operation {self.op!r}; expected one of {', '.join(OPS)}"
+            )
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
@@ -61,7 +63,9 @@ def decode_mask(enc: dict[str, Any], shape: tuple[int, int, int]) -> np.ndarray:
     raw = np.frombuffer(zlib.decompress(base64.b64decode(enc["bits"])), dtype=np.uint8)
     sub = np.unpackbits(raw)[: int(np.prod(sub_shape))].reshape(sub_shape).astype(bool)
     lo = enc["start"]
-    out[lo[0] : lo[0] + sub_shape[0], lo[1] : lo[1] + sub_shape[1], lo[2] : lo[2] + sub_shape[2]] = sub
+    out[
+        lo[0] : lo[0] + sub_shape[0], lo[1] : lo[1] + sub_shape[1], lo[2] : lo[2] + sub_shape[2]
+    ] = sub
     return out
 
 
@@ -77,7 +81,13 @@ class PromptLog:
 
     def to_dict(self) -> dict[str, Any]:
         events = [{k: v for k, v in asdict(e).items() if v is not None} for e in self.events]
-        return {"format": FORMAT, "volume": self.volume, "model": self.model, "version": self.version, "events": events}
+        return {
+            "format": FORMAT,
+            "volume": self.volume,
+            "model": self.model,
+            "version": self.version,
+            "events": events,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "prompt log") -> PromptLog:

@@ -202,7 +202,9 @@ class Session:
         with self._lock:
             self._volume = volume
             dev = self.predictor.device
-            self._vol_t = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32)).to(dev)
+            self._vol_t = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32)).to(
+                dev
+            )
             self.label_map = np.zeros(volume.array.shape, dtype=np.uint16)
             self._objects: dict[int, _Object] = {1: _Object()}
             self.active_object = 1
@@ -242,7 +244,9 @@ class Session:
         oid = self.active_object if object_id is None else int(object_id)
         if oid not in self._objects:
             known = ", ".join(map(str, self.objects))
-            raise PromptError(f"object {oid} does not exist (objects: {known}); create it with new_object()")
+            raise PromptError(
+                f"object {oid} does not exist (objects: {known}); create it with new_object()"
+            )
         return oid
 
     # ------------------------------------------------------------------ prompts
@@ -272,10 +276,14 @@ class Session:
         with self._lock:
             oid = self._object_id(object_id)
             if not self.predictor.accepts_boxes:
-                raise PromptError(f"{self.model_name} takes clicks only, no box prompts; use clicks instead")
+                raise PromptError(
+                    f"{self.model_name} takes clicks only, no box prompts; use clicks instead"
+                )
             a, b = self._to_ras(lo, coords), self._to_ras(hi, coords)
             box = (tuple(np.minimum(a, b)), tuple(np.maximum(a, b)))
-            self.log.events.append(PromptEvent("box", oid, lo_ras=list(box[0]), hi_ras=list(box[1])))
+            self.log.events.append(
+                PromptEvent("box", oid, lo_ras=list(box[0]), hi_ras=list(box[1]))
+            )
             t0 = time.perf_counter()
             before = dict(self._objects)
             center = (np.asarray(box[0]) + np.asarray(box[1])) / 2
@@ -306,7 +314,9 @@ class Session:
             oid = self._object_id(object_id)
             mask = np.asarray(mask).astype(bool)
             if mask.shape != self.label_map.shape:
-                raise PromptError(f"mask shape {mask.shape} does not match the volume {self.label_map.shape}")
+                raise PromptError(
+                    f"mask shape {mask.shape} does not match the volume {self.label_map.shape}"
+                )
             self.log.events.append(PromptEvent("set_mask", oid, mask=encode_mask(mask)))
             t0 = time.perf_counter()
             before = dict(self._objects)
@@ -376,7 +386,9 @@ class Session:
                 if ev.op == "point":
                     if ev.object_id is not None and ev.object_id not in self._objects:
                         self.new_object(ev.object_id)
-                    edits.append(self.add_point(ev.ras, bool(ev.positive), ev.object_id, coords="ras"))
+                    edits.append(
+                        self.add_point(ev.ras, bool(ev.positive), ev.object_id, coords="ras")
+                    )
                 elif ev.op == "box":
                     if ev.object_id is not None and ev.object_id not in self._objects:
                         self.new_object(ev.object_id)
@@ -389,7 +401,9 @@ class Session:
                 elif ev.op == "set_mask":
                     if ev.object_id not in self._objects:
                         self.new_object(ev.object_id)
-                    edits.append(self.set_mask(ev.object_id, decode_mask(ev.mask, self.label_map.shape)))
+                    edits.append(
+                        self.set_mask(ev.object_id, decode_mask(ev.mask, self.label_map.shape))
+                    )
                 elif ev.op in ("undo", "redo"):
                     edits.append(getattr(self, ev.op)())
                 elif ev.op == "reset":
@@ -444,7 +458,9 @@ class Session:
         lo, hi = native_bbox(grid, self.volume.affine, self.label_map.shape)
         full = np.zeros(self.label_map.shape, bool)
         full[tuple(slice(a, b) for a, b in zip(lo, hi))] = obj.mask.region(lo, hi)
-        return native_mask_to_crop_logits(torch.from_numpy(full).to(self.predictor.device), self.volume.affine, grid)
+        return native_mask_to_crop_logits(
+            torch.from_numpy(full).to(self.predictor.device), self.volume.affine, grid
+        )
 
     def _predict(self, grid: CropGrid, obj: _Object, mask_in: torch.Tensor) -> tuple[_Tile, float]:
         """Run the model on one tile with the object's prompts that fall inside it."""
@@ -459,7 +475,9 @@ class Session:
             clicks = clicks[-1:]
         points = labels = None
         if clicks:
-            points = torch.tensor(np.array([grid.ras_to_crop(np.asarray(r)) for r, _ in clicks]), dtype=torch.float32)
+            points = torch.tensor(
+                np.array([grid.ras_to_crop(np.asarray(r)) for r, _ in clicks]), dtype=torch.float32
+            )
             labels = torch.tensor([int(p) for _, p in clicks])
         box = None
         if obj.box is not None:
@@ -509,7 +527,9 @@ class Session:
                     continue
                 # Is there volume just beyond the touching part of the face?
                 pts2d = torch.nonzero(face).cpu().numpy()
-                abc = np.insert(pts2d.astype(float), axis, size - 1 + side if side > 0 else -1, axis=1)
+                abc = np.insert(
+                    pts2d.astype(float), axis, size - 1 + side if side > 0 else -1, axis=1
+                )
                 vox = (inv @ np.c_[grid.crop_to_ras(abc), np.ones(len(abc))].T).T[:, :3]
                 if not np.any(np.all((vox >= -0.5) & (vox <= shape - 0.5), axis=1)):
                     continue
@@ -531,7 +551,13 @@ class Session:
                 yield new_grid, grid.crop_to_ras(seed), carried, overlap
 
     def _commit(
-        self, oid: int, obj: _Object, new_tiles: list[_Tile], before: dict[int, _Object], t0: float, iou: float
+        self,
+        oid: int,
+        obj: _Object,
+        new_tiles: list[_Tile],
+        before: dict[int, _Object],
+        t0: float,
+        iou: float,
     ) -> Edit:
         """Stitch the new tiles into the object's mask and the label map, record the step."""
         grids = {t.grid for t in new_tiles}
@@ -663,7 +689,9 @@ def _union_box(boxes) -> tuple[np.ndarray, np.ndarray] | None:
     return np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0)
 
 
-def _overlap_dice(logits: torch.Tensor, carried: torch.Tensor, overlap: tuple[int, int, int]) -> float:
+def _overlap_dice(
+    logits: torch.Tensor, carried: torch.Tensor, overlap: tuple[int, int, int]
+) -> float:
     """Dice of two low-res masks (logits > 0) inside the overlap slab (axis, start, length)."""
     axis, start, length = overlap
     a = logits.narrow(axis + 2, start, length) > 0

@@ -149,7 +149,9 @@ def test_bad_prompts_raise_clear_errors(tiny_model):
         s.add_point((100, 5, 5))
     with pytest.raises(PromptError, match="object 7 does not exist"):
         s.add_point((5, 5, 5), object_id=7)
-    official = build_model("fastsam3d", embed_dim=48, num_heads=6, out_chans=32, prompt_embed_dim=48)
+    official = build_model(
+        "fastsam3d", embed_dim=48, num_heads=6, out_chans=32, prompt_embed_dim=48
+    )
     s2 = Session(official, device="cpu")
     s2.set_volume(_volume())
     with pytest.raises(PromptError, match="box"):
