@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from fastsam3d.predictor import Predictor
-from fastsam3d.session import Edit, Session, _Object, _Step, _Tile, _true_box
-from fastsam3d.transforms import crop_logits_to_native, native_bbox
+from fastsam3d.session import Edit, Session, _Object, _Tile, _true_box
+from fastsam3d.transforms import crop_logits_to_native
 
 LOW_RES = 32
 # bench_refine's volumes: shape, spacing (mm)
@@ -423,7 +423,7 @@ def table(rows: list[dict]) -> str:
             lines.append(
                 f"{r['case']:8} {r['variant']:22} {r['first_click_ms']:9.0f} "
                 f"{r['refine_click_ms']:10.1f} {r['model_ms']:9.1f} "
-                f"{r.get('refine_ratio', 1.0):6.2f} {str(r.get('labels_equal', '')):>6}"
+                f"{r.get('refine_ratio', 1.0):6.2f} {r.get('labels_equal', '')!s:>6}"
             )
     onnx_rows = [r for r in rows if r.get("kind") == "onnx"]
     for r in onnx_rows:
@@ -607,11 +607,8 @@ class ReferenceSession(Session):
         t0: float,
         iou: float,
     ) -> Edit:
-        grids = {t.grid for t in new_tiles}
-        tiles = tuple(t for t in obj.tiles if t.grid not in grids) + tuple(new_tiles)
+        tiles, lo, hi = self._stitch_frame(obj, new_tiles)
         affine, shape = self.volume.affine, self.label_map.shape
-        boxes = [native_bbox(t.grid, affine, shape) for t in new_tiles]
-        lo, hi = np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0)
         canvas = np.zeros(tuple(hi - lo), bool)
         for t in tiles:  # later tiles win where tiles overlap
             bbox, values, inside = crop_logits_to_native(t.logits, t.grid, affine, shape)
@@ -655,11 +652,7 @@ class ReferenceSession(Session):
             known = np.zeros(65536, bool)
             known[[0, *self._objects]] = True
             view[~known[view]] = 0
-        step = _Step(bbox, old, view.copy(), before, dict(self._objects), active_before, oid)
-        self._undo.append(step)
-        del self._undo[: -self.history]
-        self._redo.clear()
-        return Edit(oid, bbox, view.copy(), time.perf_counter() - t0)
+        return self._record(oid, bbox, old, view.copy(), before, active_before, t0)
 
 
 class BallPredictor(Predictor):

@@ -560,12 +560,8 @@ class Session:
         iou: float,
     ) -> Edit:
         """Stitch the new tiles into the object's mask and the label map, record the step."""
-        grids = {t.grid for t in new_tiles}
-        tiles = tuple(t for t in obj.tiles if t.grid not in grids) + tuple(new_tiles)
+        tiles, lo, hi = self._stitch_frame(obj, new_tiles)
         affine, shape = self.volume.affine, self.label_map.shape
-        boxes = [native_bbox(t.grid, affine, shape) for t in new_tiles]
-        lo = np.min([b[0] for b in boxes], axis=0)
-        hi = np.max([b[1] for b in boxes], axis=0)
         canvas = torch.zeros(tuple(hi - lo), dtype=torch.bool, device=self.predictor.device)
         # Later tiles win where tiles overlap; True voxels lie only in the pasted boxes. The
         # mapping's matrix products run on the click's threads: on a shared 2-core CPU two
@@ -590,6 +586,35 @@ class Session:
         edit = self._apply(oid, region, before, t0, mine=mine)
         edit.iou, edit.tiles = iou, len(tiles)
         return edit
+
+    def _stitch_frame(
+        self, obj: _Object, new_tiles: list[_Tile]
+    ) -> tuple[tuple[_Tile, ...], np.ndarray, np.ndarray]:
+        """The object's tiles after a prediction (the new ones replace any on the same grid and
+        come last, so they win in overlaps) and the native box [lo, hi) the new ones cover."""
+        grids = {t.grid for t in new_tiles}
+        tiles = tuple(t for t in obj.tiles if t.grid not in grids) + tuple(new_tiles)
+        boxes = [native_bbox(t.grid, self.volume.affine, self.label_map.shape) for t in new_tiles]
+        return tiles, np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0)
+
+    def _record(
+        self,
+        oid: int,
+        bbox: tuple[slice, ...],
+        old: np.ndarray,
+        new: np.ndarray,
+        before: dict[int, _Object],
+        active_before: int,
+        t0: float,
+    ) -> Edit:
+        """Push the undo step of a label-map write (``old`` -> ``new`` inside ``bbox``) and
+        return its :class:`Edit`."""
+        self._undo.append(
+            _Step(bbox, old, new, before, dict(self._objects), active_before, self.active_object)
+        )
+        del self._undo[: -self.history]
+        self._redo.clear()
+        return Edit(oid, bbox, new.copy(), time.perf_counter() - t0)
 
     def _apply(
         self,
@@ -633,12 +658,7 @@ class Session:
             if not known[: top + 1].all():
                 _put(new, ~known[new], 0)
             view[...] = new
-        self._undo.append(
-            _Step(bbox, old, new, before, dict(self._objects), active_before, self.active_object)
-        )
-        del self._undo[: -self.history]
-        self._redo.clear()
-        return Edit(oid, bbox, new.copy(), time.perf_counter() - t0)
+        return self._record(oid, bbox, old, new, before, active_before, t0)
 
 
 _SLAB_VOXELS = 1 << 20  # label-map voxels updated at a time
