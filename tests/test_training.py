@@ -314,3 +314,37 @@ def test_batches_carry_several_targets_per_image_and_reuse_a_pool() -> None:
     loss, metrics = click_loss(model, batch, torch.Generator().manual_seed(0), rounds=2)
     loss.backward()
     assert torch.isfinite(loss) and "dice2" in metrics
+
+
+def test_validation_keeps_the_best_checkpoint(tmp_path: Path) -> None:
+    """--val-cases scores the model on held-out real objects (val.csv: Dice after each click and
+    from a box) and keeps the best-scoring weights; the validator is deterministic."""
+    from fastsam3d.cli import app
+    from fastsam3d.training.data import load_cases
+    from fastsam3d.training.validate import CropValidator
+
+    _nifti_case(tmp_path / "data" / "case1")
+    runner = CliRunner()
+    sets = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
+    cases = tmp_path / "val.safetensors"
+    prep = ["train", "--out", str(tmp_path / "prep"), "--data", str(tmp_path / "data"),
+            "--save-cases", str(cases), "--steps", "0"]  # fmt: skip
+    assert runner.invoke(app, prep).exit_code == 0
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), *sets, "--steps", "4", "--batch-size", "2",
+            "--rounds", "2", "--val-cases", str(cases), "--val-every", "2"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "val.csv").open()))
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    assert {"dice1", "dice5", "box_dice1", "box_dice5", "score"} <= set(rows[0])
+    scores = [float(r["score"]) for r in rows]
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    best = json.loads((out / "state.json").read_text())["best"]
+    assert best["score"] == pytest.approx(max(scores), abs=1e-5)
+    assert best["step"] == [0, 2, 4][scores.index(max(scores))]
+    model = build_model(checkpoint=out / "best.safetensors")
+    validator = CropValidator(load_cases(cases), size=SIZE)
+    assert len(validator) == 2  # labels 1 and 2
+    first, again = validator(model), validator(model)
+    assert first == again and first["score"] == pytest.approx(best["score"], abs=0.02)

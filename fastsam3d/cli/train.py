@@ -62,6 +62,15 @@ SaveEveryOpt = Annotated[int, typer.Option(help="Checkpoint every N steps.")]
 TargetsOpt = Annotated[
     int, typer.Option(help="Objects trained per crop (one encoder pass serves them all).")
 ]
+ValCasesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--val-cases",
+        help="Held-out prepared cases (from --save-cases): score the model on them every "
+        "--val-every steps (val.csv) and keep the best weights as best.safetensors.",
+    ),
+]
+ValEveryOpt = Annotated[int, typer.Option(help="Steps between validations (with --val-cases).")]
 PoolOpt = Annotated[
     int,
     typer.Option(help="Synthetic volumes kept on the device and reused (0: generate every batch)."),
@@ -118,6 +127,8 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
             "model.safetensors",
             "extra.safetensors",
             "log.csv",
+            "val.csv",
+            "best.safetensors",
         ):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,6 +153,7 @@ def _run_click_training(
     model, out, data, cases, save_cases, steps, batch_size, lr, max_minutes, schedule_minutes,
     rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe: dict[str, Any],
     targets: int = 1, pool: int = 0, synthetic: list[str] | None = None,
+    val_cases: Path | None = None, val_every: int = 250,
 ) -> None:  # fmt: skip
     """Shared body of ``train`` and ``finetune``: the click loop on synthetic + real crops."""
     import torch
@@ -157,6 +169,7 @@ def _run_click_training(
     cfg = LoopConfig(
         steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
         device=str(dev), save_every=save_every, schedule_minutes=schedule_minutes,
+        val_every=val_every,
         extra={**recipe, "rounds": rounds, "box_prob": box_prob, "real_fraction": real_fraction,
                "targets_per_image": targets, "pool": pool, "synthetic": synth_given,
                "real_cases": [c.name for c in real or []]},
@@ -170,8 +183,31 @@ def _run_click_training(
     def objective(batch, progress):
         return click_loss(model, batch, gen, rounds=rounds, box_prob=box_prob)
 
-    state = run(model, objective, source, cfg, out, resume=resume, console=console)
+    state = run(model, objective, source, cfg, out, resume=resume, console=console,
+                validate=_validator(val_cases, dev, model.config.img_size))  # fmt: skip
+    _report_done(state, out)
+
+
+def _validator(val_cases: Path | None, device, size: int):
+    """A :class:`CropValidator` of ``--val-cases`` (None without them)."""
+    if val_cases is None:
+        return None
+    from fastsam3d.training.data import load_cases
+    from fastsam3d.training.validate import CropValidator
+
+    validator = CropValidator(load_cases(val_cases, device), size=size)
+    console.print(f"validating on {len(validator)} held-out objects from {val_cases}")
+    return validator
+
+
+def _report_done(state: dict[str, Any], out: Path) -> None:
     console.print(f"done: step {state.get('step')}, weights in {out / 'model.safetensors'}")
+    if "best" in state:
+        best = state["best"]
+        console.print(
+            f"best validation score {best['score']:.4f} at step {best['step']}: "
+            f"{out / 'best.safetensors'}"
+        )
 
 
 @app.command()
@@ -200,6 +236,8 @@ def train(
     targets: TargetsOpt = 4,
     pool: PoolOpt = 0,
     synthetic: SynthOpt = None,
+    val_cases: ValCasesOpt = None,
+    val_every: ValEveryOpt = 250,
 ) -> None:
     """Train a model from scratch with the interactive click loop (synthetic + real crops)."""
     import torch
@@ -213,7 +251,7 @@ def train(
         _run_click_training(
             model, out, data, cases, save_cases, steps, batch_size, lr, max_minutes,
             schedule_minutes, rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
-            targets, pool, synthetic,
+            targets, pool, synthetic, val_cases, val_every,
         )  # fmt: skip
 
 
@@ -241,6 +279,8 @@ def finetune(
     targets: TargetsOpt = 4,
     pool: PoolOpt = 0,
     synthetic: SynthOpt = None,
+    val_cases: ValCasesOpt = None,
+    val_every: ValEveryOpt = 250,
 ) -> None:
     """Fine-tune a model on your own labelled volumes (some synthetic crops keep it general),
     or continue training a checkpoint (--from PATH, with --cases prepared by `train --save-cases`)."""
@@ -258,7 +298,7 @@ def finetune(
         _run_click_training(
             model, out, data, cases, None, steps, batch_size, lr, max_minutes, schedule_minutes,
             rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
-            targets, pool, synthetic,
+            targets, pool, synthetic, val_cases, val_every,
         )  # fmt: skip
 
 
@@ -289,6 +329,8 @@ def distill(
     targets: TargetsOpt = 4,
     pool: PoolOpt = 0,
     synthetic: SynthOpt = None,
+    val_cases: ValCasesOpt = None,
+    val_every: ValEveryOpt = 250,
 ) -> None:
     """Distil a teacher's image encoder into a student (three schedules, see MODEL_CARD.md)."""
     import torch
@@ -309,6 +351,7 @@ def distill(
         cfg = LoopConfig(
             steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
             device=str(dev), save_every=save_every, schedule_minutes=schedule_minutes,
+            val_every=val_every,
             extra={"command": "distill", "teacher": str(teacher), "student": student,
                    "overrides": _overrides(set_), "schedule": schedule, "synthetic": synth_given},
         )  # fmt: skip
@@ -316,9 +359,10 @@ def distill(
             batch_size, dev, seed, real, real_fraction if real else 0.0,
             synth, targets, pool,
         )  # fmt: skip
+        validate = _validator(val_cases, dev, student_model.config.img_size)
         state = run(student_model, distiller.objective, source, cfg, out, extra=distiller,
-                    resume=resume, console=console)  # fmt: skip
-        console.print(f"done: step {state.get('step')}, student in {out / 'model.safetensors'}")
+                    resume=resume, console=console, validate=validate)  # fmt: skip
+        _report_done(state, out)
 
 
 @app.command()

@@ -15,7 +15,8 @@
 
 Checkpoint folder layout (``out/``): ``model.safetensors`` (the model, loadable by
 :func:`fastsam3d.build_model`), ``extra.safetensors`` (e.g. distillation projections),
-``optimizer.pt`` and ``state.json`` (step, elapsed seconds, config), ``log.csv``.
+``optimizer.pt`` and ``state.json`` (step, elapsed seconds, config), ``log.csv``; with a
+validator also ``val.csv`` and ``best.safetensors`` (the best-scoring weights so far).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from fastsam3d.atomic import atomic_path, write_text
 from fastsam3d.errors import FastSAM3DError
-from fastsam3d.simulate import next_click
+from fastsam3d.simulate import Rule, next_click
 from fastsam3d.training.data import Case, RealCropSampler
 from fastsam3d.training.losses import dice_ce_loss, iou_head_loss
 from fastsam3d.training.synthetic import SyntheticConfig, generate, pick_targets
@@ -201,6 +202,7 @@ def click_loss(
     rounds: int = 5,
     box_prob: float = 0.0,
     embedding: Tensor | None = None,
+    rule: Rule = "random",
 ) -> tuple[Tensor, dict[str, float]]:
     """Interactive training loss of one batch (see module docstring).
 
@@ -212,6 +214,8 @@ def click_loss(
         box_prob: probability that the batch starts from a jittered box instead of a click
             (ignored when the model has no box embeddings).
         embedding: a precomputed image embedding (else the encoder runs here, with gradient).
+        rule: click rule of :func:`fastsam3d.simulate.next_click` (training samples the error
+            region at random, as the official loop; validation clicks its centre).
 
     Returns:
         The mean loss over rounds and metrics: loss, seg/iou parts, Dice after each round.
@@ -234,7 +238,7 @@ def click_loss(
     metrics: dict[str, float] = {"seg": 0.0, "iou": 0.0}
     for r in range(rounds):
         if r > 0 or not use_box:
-            p, lab = next_click(pred, target[:, 0], rule="random", generator=generator)
+            p, lab = next_click(pred, target[:, 0], rule=rule, generator=generator)
             if r == 0:
                 given = batch.first_click >= 0
                 p = torch.where(given[:, None, :], batch.first_click[:, None, :], p)
@@ -274,6 +278,7 @@ class LoopConfig:
     max_minutes: float | None = None  # stop this session after this much wall-clock (total)
     schedule_minutes: float | None = None  # horizon of the time-driven schedule (default max)
     save_every: int = 250
+    val_every: int = 250  # steps between validations (when run() is given a validator)
     log_every: int = 10
     seed: int = 0
     amp: bool = True
@@ -326,6 +331,16 @@ def _load_state(
     return json.loads((out / "state.json").read_text())
 
 
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to a CSV file, writing the header when the file is new."""
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
 Objective = Callable[[Batch, float], tuple[Tensor, dict[str, float]]]
 
 
@@ -338,6 +353,7 @@ def run(
     extra: nn.Module | None = None,
     resume: bool = True,
     console: Any = None,
+    validate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Optimise ``model`` (and ``extra``) on ``objective(batch, progress)`` until ``cfg.steps``
     or ``cfg.max_minutes`` (total, resumed time included); returns the final ``state.json``.
@@ -345,6 +361,11 @@ def run(
     ``progress`` in [0, 1] is how far the run is (steps or wall-clock, whichever is further):
     schedules such as progressive distillation read it. With ``resume`` and an existing
     ``out/state.json`` the run continues from the saved step, elapsed time and optimizer state.
+
+    With ``validate`` (e.g. a :class:`fastsam3d.training.validate.CropValidator`), the model is
+    scored before the first step, every ``cfg.val_every`` steps and at the end; each result is a row of ``val.csv`` and
+    the best ``score`` so far is kept as ``best.safetensors`` (its step in ``state.json``).
+    Validation time counts towards the run's minutes.
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -382,7 +403,23 @@ def run(
         device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"
     )
     state: dict[str, Any] = {}
+    best: dict[str, float] = {}
+    if resume and (out / "state.json").exists():
+        best = json.loads((out / "state.json").read_text()).get("best", {})
     t_start = time.perf_counter() - elapsed
+
+    def validation(s: int) -> None:
+        with autocast:
+            metrics = validate(model)
+        row = {"step": s, "time_s": round(time.perf_counter() - t_start, 2)}
+        row.update({k: round(v, 5) for k, v in metrics.items()})
+        _append_csv(out / "val.csv", row)
+        console.print("validation: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+        if metrics["score"] > best.get("score", -1.0):
+            from fastsam3d.checkpoint import save_safetensors
+
+            save_safetensors(model, out / "best.safetensors", overwrite=True)
+            best.update(step=s, score=metrics["score"])
 
     def progress_of(s: int) -> float:
         p = s / cfg.steps
@@ -395,6 +432,8 @@ def run(
         return s >= cfg.steps or progress_of(s) >= 1.0 or over_time
 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
+    if validate is not None and step == 0:
+        validation(0)  # where a fresh run starts (e.g. the weights a fine-tune begins from)
     with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=step, info="")
         last_save = step
@@ -431,12 +470,15 @@ def run(
             if step % cfg.log_every == 0:
                 writer_file.flush()
                 console.print(", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+            if validate is not None and (step % cfg.val_every == 0 or finished(step)):
+                validation(step)
             if step - last_save >= cfg.save_every or finished(step):
                 state = {
                     "step": step,
                     "elapsed_s": time.perf_counter() - t_start,
                     "loop": asdict(cfg),
                     "last": row,
+                    **({"best": best} if best else {}),
                 }
                 _save_state(out, model, extra, opt, state)
                 last_save = step
