@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU distillation study of issue 7 on one lent GPU (the device tool), in two calls on one
+# warm machine (the teacher stays in /tmp between them):
+#   here:    bash scripts/prepare_device_data.sh          (carry .device_carry)
+#   call 1:  bash scripts/device_distill.sh teacher MIN   a ViT-B teacher (sam_med3d layout, clean
+#            switches, global attention: the 8^3 token grid fits one 14^3 window anyway) and, beside
+#            it on the same GPU, a fine-tune of the bundled default; both validated on held-out
+#            objects (--val-cases) every 150 steps. Returns the fine-tune's best weights (int8).
+#   call 2:  bash scripts/device_distill.sh students MIN  the width-384 student distilled from the
+#            teacher's best weights with each schedule (decoupled, progressive, dynamic), and the
+#            same student trained without a teacher, all four at once for the same minutes.
+#            Returns the best-scoring student (int8).
+# Runs in one call share the GPU, so they are compared with each other, not with runs alone.
+# $OUT gets runs.tar.gz (log.csv, val.csv, state.json of every run) and weights split into
+# 15 MiB parts (the tool returns files up to 16 MiB): `cat NAME_part_* > NAME.safetensors`.
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+PHASE=$1 MIN=$2
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+COMMON=(--cases .device_carry/real_train.safetensors --val-cases .device_carry/val_select.safetensors
+  --val-every 150 --steps 1000000 --batch-size 16 --targets 4 --pool 384 --rounds 5 --box-prob 0.2
+  --real-fraction 0.25 --seed 0 --save-every 400 --synthetic planes=0.5 --synthetic structures=24
+  --synthetic min_radius=1.5 --max-minutes "$MIN")
+STUDENT=(--set embed_dim=384 --set num_heads=6)
+TEACHER=(--arch sam_med3d --set window_size=0 --set swap_pe_axes=false --set duplicate_sine=false
+  --set official_rel_pos=false --set window_pad_unmasked=false --set num_point_embeddings=4)
+launch() {  # NAME ARGS...: run `fastsam3d ARGS --out /tmp/NAME` in the background
+  local name=$1; shift
+  python3 -m fastsam3d "$@" --out "/tmp/$name" --overwrite "${COMMON[@]}" > "/tmp/$name.stdout" 2>&1 &
+}
+if [ "$PHASE" = teacher ]; then
+  timeout 120 python3 benchmarks/bench_model.py --checkpoint fastsam3d/weights/default.safetensors \
+    --repeats 30 2>&1 | tee "$OUT/gpu_bench_default.txt" | tail -25
+  launch teacher train "${TEACHER[@]}" --lr 4e-4
+  launch finetune finetune --from fastsam3d/weights/default.safetensors --lr 1e-4
+  RUNS="teacher finetune" KEEP=finetune
+else
+  for s in decoupled progressive dynamic; do
+    launch "student_$s" distill --teacher /tmp/teacher/best.safetensors --schedule "$s" "${STUDENT[@]}" --lr 5e-4
+  done
+  launch student_scratch train "${STUDENT[@]}" --lr 5e-4
+  RUNS="student_decoupled student_progressive student_dynamic student_scratch" KEEP=
+fi
+wait
+for r in $RUNS; do
+  echo "== $r"; tail -c 600 "/tmp/$r.stdout" | tr '\r' '\n' | tail -3
+  cp "/tmp/$r.stdout" "/tmp/$r/stdout.txt"; tail -2 "/tmp/$r/val.csv"
+done
+best=$(for r in $RUNS; do python3 -c "import json,sys; print(json.load(open('/tmp/$r/state.json'))['best']['score'], '$r')"; done | sort -g | tail -1 | cut -d' ' -f2)
+KEEP=${KEEP:-$best}
+echo "keeping $KEEP (best overall: $best)"
+tar czf "$OUT/runs.tar.gz" -C /tmp $(for r in $RUNS; do echo "$r/log.csv $r/val.csv $r/state.json $r/stdout.txt"; done)
+python3 -m fastsam3d convert "/tmp/$KEEP/best.safetensors" "/tmp/$KEEP.int8.safetensors" --dtype int8 \
+  && split -b 15m "/tmp/$KEEP.int8.safetensors" "$OUT/${KEEP}_part_"
+ls -la "$OUT"
