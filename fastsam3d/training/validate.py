@@ -87,4 +87,3 @@ class CropValidator:
         out = {k: v / len(self) for k, v in sums.items()}
         out["score"] = sum(out[f"dice{r}"] for r in range(1, self.rounds + 1)) / self.rounds
         return out
-
