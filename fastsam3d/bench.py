@@ -687,7 +687,8 @@ def bench_refine(
 
     Cases: ``crop128`` (a 128^3 volume at 1.5 mm, one crop) and ``ct512`` (a loaded 512 x 512
     x 300 CT-like volume at 0.8 x 0.8 x 1.0 mm), one tile per click (``max_new_tiles=0``).
-    ``model``: as for :class:`~fastsam3d.session.Session`, or ``"ball"`` for
+    ``model``: as for :class:`~fastsam3d.session.Session` (an ``export-onnx`` folder runs the
+    onnxruntime backend), or ``"ball"`` for
     :class:`BallPredictor` objects of ~1M voxels on the CT (a trained model's masks are local;
     the untrained model's fill the tile, the worst case here). Variants:
     :class:`ReferenceSession` (baseline), the session, and (real models) the session with the
@@ -707,12 +708,10 @@ def bench_refine(
         variants = [("reference", ReferenceSession, pred), ("session", Session, pred)]
     else:
         pred, name = load_predictor(model, "cpu")
-        threads = Predictor(pred.model, "cpu", click_threads=None)
-        variants = [
-            ("reference", ReferenceSession, pred),
-            ("session", Session, pred),
-            ("session-torch-threads", Session, threads),
-        ]
+        variants = [("reference", ReferenceSession, pred), ("session", Session, pred)]
+        if isinstance(pred, Predictor):  # not for an export-onnx folder (onnxruntime)
+            threads = Predictor(pred.model, "cpu", click_threads=None)
+            variants.append(("session-torch-threads", Session, threads))
     rows = []
     for case in cases:
         shape, spacing = REFINE_CASES[case]
@@ -740,7 +739,7 @@ def bench_refine(
                 "first_click_ms": first["median_ms"], "refine_click_ms": refine["median_ms"],
                 "refine_p90_ms": refine["p90_ms"], "model_ms": model_ms["median_ms"],
                 "mask_voxels": int((s.label_map > 0).sum()), "threads": torch.get_num_threads(),
-                "click_threads": p.click_threads,
+                "click_threads": getattr(p, "click_threads", None),
             }  # fmt: skip
             if base is None:
                 base, base_labels = row, s.label_map
