@@ -720,18 +720,20 @@ def bench_refine(
         base, base_labels = None, None
         for variant, cls, p in variants:
             s = cls(p, max_new_tiles=0, history=2)
+            # Each timed lambda runs at once, inside this iteration; defaults bind its values.
             first = time_ms(
-                lambda s=s: (s.set_volume(volume), s.add_point(click)), cpu, 1, warmup=1
+                lambda s=s, v=volume, c=click: (s.set_volume(v), s.add_point(c)), cpu, 1, warmup=1
             )
-            clicks = iter(range(10**6))
+            offsets = iter(range(10**6))
             refine = time_ms(
-                lambda s=s: s.add_point(click + [4 + next(clicks) % 5, 0, 0], positive=False),
+                lambda s=s, c=click, o=offsets: s.add_point(c + [4 + next(o) % 5, 0, 0],
+                                                            positive=False),
                 cpu, repeats, warmup=2,
             )  # fmt: skip
             obj = s._objects[s.active_object]
             tile = obj.tiles[-1]  # the session's model step alone, on the last click's prompts
             model_ms = time_ms(
-                lambda s=s: s._predict(tile.grid, obj, tile.logits), cpu, repeats, warmup=1
+                lambda s=s, t=tile, o=obj: s._predict(t.grid, o, t.logits), cpu, repeats, warmup=1
             )
             row = {
                 "kind": "refine", "case": case, "variant": variant, "model": name,
