@@ -10,6 +10,10 @@
 #            teacher's best weights with each schedule (decoupled, progressive, dynamic), and the
 #            same student trained without a teacher, all four at once for the same minutes.
 #            Returns the best-scoring student (int8).
+#   or:      bash scripts/device_distill.sh attention MIN  dense (global) against 3D dilated sparse
+#            attention: the width-384 student trained from scratch both ways at once, same recipe
+#            (the comparison issue 7 asks for before the default's attention is settled; not run yet).
+#            Returns the better one's best weights (int8).
 # Runs in one call share the GPU, so they are compared with each other, not with runs alone.
 # $OUT gets runs.tar.gz (log.csv, val.csv, state.json of every run) and weights split into
 # 15 MiB parts (the tool returns files up to 16 MiB): `cat NAME_part_* > NAME.safetensors`.
@@ -34,6 +38,10 @@ if [ "$PHASE" = teacher ]; then
   launch teacher train "${TEACHER[@]}" --lr 4e-4
   launch finetune finetune --from fastsam3d/weights/default.safetensors --lr 1e-4
   RUNS="teacher finetune" KEEP=finetune
+elif [ "$PHASE" = attention ]; then
+  launch attn_dense train "${STUDENT[@]}" --set attention=global --lr 5e-4
+  launch attn_dilated train "${STUDENT[@]}" --lr 5e-4
+  RUNS="attn_dense attn_dilated" KEEP=
 else
   for s in decoupled progressive dynamic; do
     launch "student_$s" distill --teacher /tmp/teacher/best.safetensors --schedule "$s" "${STUDENT[@]}" --lr 5e-4
