@@ -343,6 +343,11 @@ def test_validation_keeps_the_best_checkpoint(tmp_path: Path) -> None:
     best = json.loads((out / "state.json").read_text())["best"]
     assert best["score"] == pytest.approx(max(scores), abs=1e-5)
     assert best["step"] == [0, 2, 4][scores.index(max(scores))]
+    elsewhere = [*args[:-4], "--val-cases", str(tmp_path / "nope.safetensors")]
+    elsewhere[2] = str(tmp_path / "never")
+    missing = runner.invoke(app, elsewhere)
+    assert missing.exit_code == 1 and "no such prepared-cases file" in missing.output
+    assert not (tmp_path / "never").exists()
     model = build_model(checkpoint=out / "best.safetensors")
     validator = CropValidator(load_cases(cases), size=SIZE)
     assert len(validator) == 2  # labels 1 and 2

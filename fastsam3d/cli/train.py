@@ -113,6 +113,16 @@ def _synthetic(items: list[str] | None, size: int):
     return SyntheticConfig(size=size, **given), given
 
 
+def _require_prepared(*paths: Path | None) -> None:
+    """Refuse a missing ``--cases`` / ``--val-cases`` file before anything is built or written."""
+    for path in paths:
+        if path is not None and not path.is_file():
+            raise FastSAM3DError(
+                f"{path}: no such prepared-cases file (make one with `fastsam3d train --data DIR "
+                f"--save-cases {path.name} --steps 0 --out RUN`)"
+            )
+
+
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to mix a new run into a folder holding one, unless resuming or overwriting."""
     state = out / "state.json"
@@ -161,6 +171,7 @@ def _run_click_training(
     from fastsam3d.training.loop import BatchSource, LoopConfig, click_loss, resolve_device, run
 
     synth, synth_given = _synthetic(synthetic, model.config.img_size)
+    _require_prepared(cases, val_cases)
     _prepare_out(out, resume, overwrite)
     dev = resolve_device(device)
     real = _cases(data, cases, save_cases, dev)
@@ -343,6 +354,7 @@ def distill(
         torch.manual_seed(seed)
         student_model = build_model(student, **_overrides(set_))
         synth, synth_given = _synthetic(synthetic, student_model.config.img_size)
+        _require_prepared(cases, val_cases)
         _prepare_out(out, resume, overwrite)
         dev = resolve_device(device)
         teacher_model = build_model(checkpoint=teacher, device=dev)
