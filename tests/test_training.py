@@ -347,6 +347,11 @@ def test_validation_keeps_the_best_checkpoint(tmp_path: Path) -> None:
     elsewhere[2] = str(tmp_path / "never")
     missing = runner.invoke(app, elsewhere)
     assert missing.exit_code == 1 and "no such prepared-cases file" in missing.output
+    foreign = tmp_path / "weights.safetensors"  # a safetensors file, but not prepared cases
+    foreign.write_bytes((out / "model.safetensors").read_bytes())
+    elsewhere[-1] = str(foreign)
+    wrong = runner.invoke(app, elsewhere)
+    assert wrong.exit_code == 1 and "not a prepared-cases file" in wrong.output
     assert not (tmp_path / "never").exists()
     model = build_model(checkpoint=out / "best.safetensors")
     validator = CropValidator(load_cases(cases), size=SIZE)

@@ -113,16 +113,6 @@ def _synthetic(items: list[str] | None, size: int):
     return SyntheticConfig(size=size, **given), given
 
 
-def _require_prepared(*paths: Path | None) -> None:
-    """Refuse a missing ``--cases`` / ``--val-cases`` file before anything is built or written."""
-    for path in paths:
-        if path is not None and not path.is_file():
-            raise FastSAM3DError(
-                f"{path}: no such prepared-cases file (make one with `fastsam3d train --data DIR "
-                f"--save-cases {path.name} --steps 0 --out RUN`)"
-            )
-
-
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to mix a new run into a folder holding one, unless resuming or overwriting."""
     state = out / "state.json"
@@ -171,10 +161,10 @@ def _run_click_training(
     from fastsam3d.training.loop import BatchSource, LoopConfig, click_loss, resolve_device, run
 
     synth, synth_given = _synthetic(synthetic, model.config.img_size)
-    _require_prepared(cases, val_cases)
-    _prepare_out(out, resume, overwrite)
     dev = resolve_device(device)
-    real = _cases(data, cases, save_cases, dev)
+    real = _cases(data, cases, save_cases, dev)  # inputs first: a bad file stops before any write
+    validate = _validator(val_cases, dev, model.config.img_size)
+    _prepare_out(out, resume, overwrite)
     if steps == 0:
         return
     cfg = LoopConfig(
@@ -195,7 +185,7 @@ def _run_click_training(
         return click_loss(model, batch, gen, rounds=rounds, box_prob=box_prob)
 
     state = run(model, objective, source, cfg, out, resume=resume, console=console,
-                validate=_validator(val_cases, dev, model.config.img_size))  # fmt: skip
+                validate=validate)  # fmt: skip
     _report_done(state, out)
 
 
@@ -354,12 +344,12 @@ def distill(
         torch.manual_seed(seed)
         student_model = build_model(student, **_overrides(set_))
         synth, synth_given = _synthetic(synthetic, student_model.config.img_size)
-        _require_prepared(cases, val_cases)
-        _prepare_out(out, resume, overwrite)
         dev = resolve_device(device)
         teacher_model = build_model(checkpoint=teacher, device=dev)
         distiller = Distiller(student_model, teacher_model, schedule, rounds, box_prob)
-        real = _cases(data, cases, None, dev)
+        real = _cases(data, cases, None, dev)  # inputs first: a bad file stops before any write
+        validate = _validator(val_cases, dev, student_model.config.img_size)
+        _prepare_out(out, resume, overwrite)
         cfg = LoopConfig(
             steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
             device=str(dev), save_every=save_every, schedule_minutes=schedule_minutes,
@@ -371,7 +361,6 @@ def distill(
             batch_size, dev, seed, real, real_fraction if real else 0.0,
             synth, targets, pool,
         )  # fmt: skip
-        validate = _validator(val_cases, dev, student_model.config.img_size)
         state = run(student_model, distiller.objective, source, cfg, out, extra=distiller,
                     resume=resume, console=console, validate=validate)  # fmt: skip
         _report_done(state, out)

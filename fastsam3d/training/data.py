@@ -155,11 +155,29 @@ def save_cases(cases: list[Case], path: str | Path) -> Path:
 
 
 def load_cases(path: str | Path, device: torch.device | str = "cpu") -> list[Case]:
-    """Inverse of :func:`save_cases`."""
+    """Inverse of :func:`save_cases`; a missing or foreign file raises FastSAM3DError."""
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FastSAM3DError(
+            f"{path}: no such prepared-cases file (make one with `fastsam3d train --data DIR "
+            f"--save-cases {path.name} --steps 0 --out RUN`)"
+        )
+    try:
+        return _read_cases(path, device)
+    except (SafetensorError, KeyError, TypeError, ValueError) as err:
+        why = "it has no case index" if isinstance(err, KeyError) else str(err)
+        raise FastSAM3DError(
+            f"{path}: not a prepared-cases file from `fastsam3d train --save-cases` ({why})"
+        ) from None
+
+
+def _read_cases(path: Path, device: torch.device | str) -> list[Case]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["cases"])
+        meta = json.loads((f.metadata() or {})["cases"])
         cases = []
         for i, m in enumerate(meta):
             objects = {v: f.get_tensor(f"{i}.obj{v}").long() for v in m["objects"]}
