@@ -343,6 +343,15 @@ def test_validation_keeps_the_best_checkpoint(tmp_path: Path) -> None:
     best = json.loads((out / "state.json").read_text())["best"]
     assert best["score"] == pytest.approx(max(scores), abs=1e-5)
     assert best["step"] == [0, 2, 4][scores.index(max(scores))]
+    longer = [*args, "--resume"]
+    longer[longer.index("--steps") + 1] = "6"
+    resumed = runner.invoke(app, longer)  # the best so far survives the resume
+    assert resumed.exit_code == 0, resumed.output
+    rows = list(csv.DictReader((out / "val.csv").open()))
+    assert [int(r["step"]) for r in rows] == [0, 2, 4, 6]
+    scores = [float(r["score"]) for r in rows]
+    best = json.loads((out / "state.json").read_text())["best"]
+    assert best["score"] == pytest.approx(max(scores), abs=1e-5)
     elsewhere = [*args[:-4], "--val-cases", str(tmp_path / "nope.safetensors")]
     elsewhere[2] = str(tmp_path / "never")
     missing = runner.invoke(app, elsewhere)

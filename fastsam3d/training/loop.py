@@ -387,9 +387,10 @@ def run(
         fused=device.type == "cuda",
     )
     step, elapsed = 0, 0.0
+    best: dict[str, float] = {}  # step and score of the best validation so far
     if resume and (out / "state.json").exists():
         state = _load_state(out, model, extra, opt)
-        step, elapsed = state["step"], state["elapsed_s"]
+        step, elapsed, best = state["step"], state["elapsed_s"], state.get("best", {})
         console.print(f"resuming {out} at step {step} ({elapsed / 60:.1f} min done)")
         # Fresh data after a resume: reseed from the step so the continuation differs.
         source.generator.manual_seed(cfg.seed + step)
@@ -403,9 +404,6 @@ def run(
         device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"
     )
     state: dict[str, Any] = {}
-    best: dict[str, float] = {}
-    if resume and (out / "state.json").exists():
-        best = json.loads((out / "state.json").read_text()).get("best", {})
     t_start = time.perf_counter() - elapsed
 
     def validation(s: int) -> None:
