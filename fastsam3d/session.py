@@ -66,6 +66,7 @@ from fastsam3d.io.read import Volume
 from fastsam3d.predictor import Predictor, cpu_threads, load_predictor
 from fastsam3d.prompts import PromptEvent, PromptLog, decode_mask, encode_mask
 from fastsam3d.transforms import (
+    SLAB_VOXELS,
     CropGrid,
     native_bbox,
     native_mask_to_crop_logits,
@@ -641,7 +642,7 @@ class Session:
             if mine is None:
                 own = self._objects.get(oid)
                 mine = np.zeros(view.shape, bool) if own is None else own.mask.region(lo, hi)
-            step = max(1, _SLAB_VOXELS // new[0].size)  # temporaries stay in cache
+            step = max(1, SLAB_VOXELS // new[0].size)  # temporaries stay in cache
             for s in (slice(i, i + step) for i in range(0, len(new), step)):
                 np.multiply(old[s], old[s] != oid, out=new[s])  # release the object's voxels,
                 _put(new[s], mine[s] & (new[s] == 0) if self.protect else mine[s], oid)  # claim
@@ -659,9 +660,6 @@ class Session:
                 _put(new, ~known[new], 0)
             view[...] = new
         return self._record(oid, bbox, old, new, before, active_before, t0)
-
-
-_SLAB_VOXELS = 1 << 20  # label-map voxels updated at a time
 
 
 def _put(arr: np.ndarray, where: np.ndarray, value: int) -> None:

@@ -398,7 +398,9 @@ def _separable_to_native(
     return x.contiguous(), _inside_tensor(inside, logits.device)
 
 
-_SLAB_VOXELS = 1 << 20  # native voxels mapped per slab (4 MiB of float32, cache-sized)
+# Native voxels processed per slab of a box-sized pass (4 MiB of float32): temporaries stay in
+# cache. Shared by the mask mapping here and the session's label-map update.
+SLAB_VOXELS = 1 << 20
 
 
 class _AxisMaps(NamedTuple):
@@ -498,7 +500,7 @@ def paste_crop_mask(
     dst = canvas[tuple(slice(x0 - o, y0 - o) for x0, y0, o in zip(a, b, origin))]
     # The last axis in slabs, thresholded straight into the canvas: the float values of a slab
     # stay in cache instead of a box-sized array written and read back (2-3x faster).
-    step = max(1, _SLAB_VOXELS // (n1 * n2))
+    step = max(1, SLAB_VOXELS // (n1 * n2))
     for i in range(0, n0, step):
         slab = x[i : i + step]
         values = (slab.reshape(-1, low[2]) @ mats[2].T).view(len(slab), n1, n2)
