@@ -73,15 +73,12 @@ class MaskDecoder3D(nn.Module):
         pos_src = torch.repeat_interleave(image_pe, b, dim=0)
         grid = src.shape[2:]
         hs, src = self.transformer(src, pos_src, tokens)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
-        )
-        iou = self.iou_prediction_head(iou_token_out)
-        sel = slice(1, None) if multimask_output else slice(0, 1)
-        return self._upscale_masks(src, hyper_in[:, sel], grid), iou[:, sel]
+        # only the selected masks' hypernetworks run (the single mask skips the other three)
+        sel = range(1, self.num_mask_tokens) if multimask_output else range(1)
+        mlps = self.output_hypernetworks_mlps
+        hyper_in = torch.stack([mlps[i](hs[:, 1 + i]) for i in sel], dim=1)
+        iou = self.iou_prediction_head(hs[:, 0])[:, sel.start : sel.stop]
+        return self._upscale_masks(src, hyper_in, grid), iou
 
     def _upscale_masks(
         self, src: torch.Tensor, hyper_in: torch.Tensor, grid: tuple[int, int, int]
@@ -105,7 +102,8 @@ class MaskDecoder3D(nn.Module):
         """
         up1, norm, act1, up2, act2 = self.output_upscaling
         b, (d, h, w) = src.shape[0], grid
-        x = act1(_layer_norm_last(norm, _patch_deconv(up1, src)))  # (B, dhw*8, C/4)
+        x = _patch_deconv(up1, src)  # (B, dhw*8, C/4)
+        x = act1(F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps))
         x = act2(_patch_deconv(up2, x))  # (B, dhw*64, C/8), order (token, sub, sub-sub)
         masks = x @ hyper_in.transpose(1, 2)  # (B, dhw*64, K)
         k = masks.shape[-1]
@@ -120,13 +118,8 @@ def _patch_deconv(conv: nn.ConvTranspose3d, x: torch.Tensor) -> torch.Tensor:
     (B, M * 8, C_out): each voxel becomes its 2^3 patch (sub-voxel order kd, kh, kw)."""
     c_in, c_out = conv.in_channels, conv.out_channels
     weight = conv.weight.permute(0, 2, 3, 4, 1).reshape(c_in, 8 * c_out)
-    bias = None if conv.bias is None else conv.bias.repeat(8)
-    y = F.linear(x, weight.T, bias)
-    return y.reshape(x.shape[0], x.shape[1] * 8, c_out)
+    y = (x @ weight).reshape(x.shape[0], x.shape[1] * 8, c_out)
+    if conv.bias is not None:  # added in place: addmm's copy of the broadcast bias cost more
+        y.add_(conv.bias)
+    return y
 
-
-def _layer_norm_last(norm: LayerNorm3d, x: torch.Tensor) -> torch.Tensor:
-    """:class:`LayerNorm3d`'s arithmetic (biased variance, eps inside the root) on the last axis."""
-    mean = x.mean(-1, keepdim=True)
-    var = (x - mean).pow(2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
