@@ -122,4 +122,3 @@ def _patch_deconv(conv: nn.ConvTranspose3d, x: torch.Tensor) -> torch.Tensor:
     if conv.bias is not None:  # added in place: addmm's copy of the broadcast bias cost more
         y.add_(conv.bias)
     return y
-
