@@ -1,6 +1,7 @@
 """Encoder-distillation schedules on the same wall-clock budget: a CPU, toy-scale comparison.
 
     python benchmarks/bench_distill.py [--teacher-minutes 5] [--student-minutes 3] [--threads 1]
+        [--schedules decoupled progressive dynamic] [--feature-loss relative mse]
 
 Trains a tiny teacher with the SAM-Med3D layout (``sam_med3d``: windowed + global blocks) with
 the click loop on synthetic 32^3 volumes, then one tiny student (``fastsam3d_dilated``, narrower
@@ -40,6 +41,7 @@ from fastsam3d.bench import environment, time_ms
 from fastsam3d.registry import build_model
 from fastsam3d.training.distill import SCHEDULES, Distiller
 from fastsam3d.training.loop import Batch, BatchSource, LoopConfig, Objective, click_loss, run
+from fastsam3d.training.losses import FEATURE_LOSSES
 from fastsam3d.training.synthetic import SyntheticConfig
 
 SIZE = 32
@@ -201,15 +203,17 @@ def compare(args: argparse.Namespace, console: Console) -> Iterator[dict[str, An
     held = held_out(args.eval_volumes)
     students: dict[str, dict[str, list[float]]] = {}
     yield _row("teacher", teacher, state, evaluate(teacher, held))
-    for name in ("direct", *SCHEDULES):
+    runs = [("direct", "")] + [(s, f) for s in args.schedules for f in args.feature_loss]
+    for schedule, feature in runs:
+        name = schedule if len(args.feature_loss) == 1 or not feature else f"{schedule}-{feature}"
         torch.manual_seed(1)  # the same initial student every time
         student = build_model("fastsam3d_dilated", **STUDENT)
-        if name == "direct":
+        if schedule == "direct":
             gen = torch.Generator().manual_seed(0)
             objective: Objective = lambda b, p, s=student, g=gen: click_loss(s, b, g, ROUNDS)
             extra = None
         else:
-            extra = Distiller(student, teacher, name, rounds=ROUNDS)
+            extra = Distiller(student, teacher, schedule, rounds=ROUNDS, feature=feature)
             objective = extra.objective
         state = _train(student, objective, args.student_minutes, args, 1, extra, console)
         students[name] = evaluate(student, held)
@@ -227,6 +231,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pool", type=int, default=64, help="synthetic volumes kept, 1 new per step")
     ap.add_argument("--eval-volumes", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
+    ap.add_argument(
+        "--feature-loss", nargs="+", choices=FEATURE_LOSSES, default=["relative"],
+        help="one run per schedule and loss (rows named schedule-loss when several)",
+    )  # fmt: skip
     return ap.parse_args(argv)
 
 

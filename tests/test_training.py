@@ -21,6 +21,7 @@ from fastsam3d.training.loop import (
     lr_factor,
     run,
 )
+from fastsam3d.training.losses import feature_loss
 from fastsam3d.training.synthetic import SyntheticConfig, generate
 
 SIZE = 32
@@ -184,6 +185,21 @@ def test_distillation_lowers_the_feature_loss(schedule: str, tmp_path: Path) -> 
         loss, metrics = distiller.objective(held, 0.95)
         assert "dice2" in metrics and torch.isfinite(loss)
     assert (tmp_path / "extra.safetensors").exists()  # the width projections
+
+
+def test_relative_feature_loss_weighs_layers_alike() -> None:
+    """The default distillation loss is scale-free: a zero student scores 1 against any teacher,
+    and scaling both feature maps (a deep layer's larger residual stream) changes nothing."""
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 8, 4, 4, 4), torch.randn(2, 8, 4, 4, 4)
+    assert feature_loss(torch.zeros_like(teacher), 300 * teacher).item() == pytest.approx(1.0)
+    assert feature_loss(300 * student, 300 * teacher).item() == pytest.approx(
+        feature_loss(student, teacher).item(), rel=1e-5
+    )
+    raw = feature_loss(300 * student, 300 * teacher, "mse")
+    assert raw.item() == pytest.approx(9e4 * feature_loss(student, teacher, "mse").item(), rel=1e-5)
+    with pytest.raises(FastSAM3DError, match="feature loss"):
+        Distiller(_tiny(), _tiny(), "progressive", feature="cosine")
 
 
 def test_decoupled_needs_the_teachers_exact_decoder() -> None:

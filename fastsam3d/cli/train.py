@@ -312,6 +312,10 @@ def distill(
     schedule: Annotated[
         str, typer.Option(help="decoupled (MobileSAM), progressive (FastSAM3D), dynamic.")
     ] = "progressive",
+    feature_loss: Annotated[
+        str,
+        typer.Option(help="relative (MSE over the teacher's mean square, default) or mse."),
+    ] = "relative",
     data: DataOpt = None,
     cases: CasesOpt = None,
     steps: StepsOpt = 2000,
@@ -346,7 +350,9 @@ def distill(
         synth, synth_given = _synthetic(synthetic, student_model.config.img_size)
         dev = resolve_device(device)
         teacher_model = build_model(checkpoint=teacher, device=dev)
-        distiller = Distiller(student_model, teacher_model, schedule, rounds, box_prob)
+        distiller = Distiller(
+            student_model, teacher_model, schedule, rounds, box_prob, feature_loss
+        )
         real = _cases(data, cases, None, dev)  # inputs first: a bad file stops before any write
         validate = _validator(val_cases, dev, student_model.config.img_size)
         _prepare_out(out, resume, overwrite)
@@ -355,7 +361,8 @@ def distill(
             device=str(dev), save_every=save_every, schedule_minutes=schedule_minutes,
             val_every=val_every,
             extra={"command": "distill", "teacher": str(teacher), "student": student,
-                   "overrides": _overrides(set_), "schedule": schedule, "synthetic": synth_given},
+                   "overrides": _overrides(set_), "schedule": schedule, "feature_loss": feature_loss,
+                   "synthetic": synth_given},
         )  # fmt: skip
         source = BatchSource(
             batch_size, dev, seed, real, real_fraction if real else 0.0,

@@ -3,7 +3,7 @@
 Three schedules, selectable and run on the same data and budget (``progress`` in [0, 1] comes
 from :func:`fastsam3d.training.loop.run`):
 
-* ``decoupled`` (MobileSAM): only the final image embedding is matched (MSE); the student keeps
+* ``decoupled`` (MobileSAM): only the final image embedding is matched; the student keeps
   the teacher's prompt encoder and mask decoder, which must fit it exactly (same sizes and PE
   switches), since nothing else ever trains them. No click loop.
 * ``progressive`` (FastSAM3D, layer-wise): student block ``i`` is matched to teacher block
@@ -15,6 +15,10 @@ from :func:`fastsam3d.training.loop.run`):
   with weights that move from shallow to deep layers as training goes (a Gaussian bump over the
   relative depth centred at ``progress / 0.85``), plus the embedding with weight ``progress``;
   the last 15% is the same end-to-end fine-tune.
+
+Every match is a relative squared error by default (``feature="relative"``: MSE over the
+teacher's mean square, :func:`fastsam3d.training.losses.feature_loss`), or plain MSE
+(``"mse"``, the papers' loss, whose deep layers dominate).
 
 Widths may differ: learned linear projections (kept in ``extra.safetensors`` of the run, not in
 the student) map student features to the teacher's width. Teacher features are computed under
@@ -30,7 +34,7 @@ from torch import Tensor, nn
 
 from fastsam3d.errors import FastSAM3DError
 from fastsam3d.training.loop import Batch, click_loss
-from fastsam3d.training.losses import feature_loss
+from fastsam3d.training.losses import FEATURE_LOSSES, feature_loss
 
 SCHEDULES = ("decoupled", "progressive", "dynamic")
 LAYER_PHASE = 0.6  # progressive: end of the layer-by-layer phase
@@ -73,6 +77,8 @@ class Distiller(nn.Module):
         teacher: a :class:`fastsam3d.modeling.Sam3D` (frozen here).
         schedule: one of :data:`SCHEDULES`.
         rounds, box_prob: click-loop settings of the end-to-end phase.
+        feature: ``"relative"`` (default) or ``"mse"``, see
+            :func:`fastsam3d.training.losses.feature_loss`.
     """
 
     def __init__(
@@ -82,11 +88,17 @@ class Distiller(nn.Module):
         schedule: str = "progressive",
         rounds: int = 5,
         box_prob: float = 0.0,
+        feature: str = "relative",
     ) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
             raise FastSAM3DError(f"unknown schedule {schedule!r}; choose {', '.join(SCHEDULES)}")
+        if feature not in FEATURE_LOSSES:
+            raise FastSAM3DError(
+                f"unknown feature loss {feature!r}; choose {', '.join(FEATURE_LOSSES)}"
+            )
         self.schedule, self.rounds, self.box_prob = schedule, rounds, box_prob
+        self.feature = feature
         self.student = [student]  # a list: not a submodule, so not saved with the projections
         self.teacher = [teacher.eval().requires_grad_(False)]
         s_enc, t_enc = student.image_encoder, teacher.image_encoder
@@ -146,13 +158,13 @@ class Distiller(nn.Module):
         metrics: dict[str, float] = {}
         for i, (w, j) in enumerate(zip(weights, self.map)):
             if w > 0:
-                layer = feature_loss(self.layer_proj[i](s_blocks[i]), t_blocks[j])
+                layer = feature_loss(self.layer_proj[i](s_blocks[i]), t_blocks[j], self.feature)
                 loss = loss + w * layer
                 metrics[f"layer{i}"] = layer.item()
         emb_w = {"decoupled": 1.0, "progressive": float(progress >= LAYER_PHASE)}.get(
             self.schedule, progress
         )
-        emb = feature_loss(self.embed_proj(s_emb), t_emb)
+        emb = feature_loss(self.embed_proj(s_emb), t_emb, self.feature)
         loss = loss + emb_w * emb
         metrics.update(loss=loss.item(), embedding=emb.item(), phase=float(emb_w == 1.0))
         return loss, metrics

@@ -44,6 +44,21 @@ def iou_head_loss(iou_pred: Tensor, logits: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(iou_pred.float(), mask_iou(logits, target))
 
 
-def feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """Mean squared error between feature maps of equal shape (distillation targets)."""
-    return F.mse_loss(student.float(), teacher.float())
+FEATURE_LOSSES = ("relative", "mse")
+
+
+def feature_loss(student: Tensor, teacher: Tensor, kind: str = "relative") -> Tensor:
+    """Distance between feature maps of equal shape (distillation targets).
+
+    ``"mse"``: mean squared error in the teacher's units. ``"relative"``: the same divided by
+    the teacher's mean square (detached), i.e. 1 for a student that outputs zeros. A ViT's
+    residual stream grows with depth (a ViT-B teacher's early blocks gave raw MSE ~10^5 at the
+    first step, the normed embedding ~1), so with raw MSE the largest features set the
+    gradient and the clip; relative errors weigh every matched layer alike.
+    """
+    mse = F.mse_loss(student.float(), teacher.float())
+    if kind == "mse":
+        return mse
+    if kind == "relative":
+        return mse / teacher.detach().float().square().mean().clamp_min(1e-12)
+    raise ValueError(f"feature loss must be one of {FEATURE_LOSSES}, got {kind!r}")
