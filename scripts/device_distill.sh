@@ -7,8 +7,10 @@
 #            it on the same GPU, a fine-tune of the bundled default; both validated on held-out
 #            objects (--val-cases) every 150 steps. Returns the fine-tune's best weights (int8).
 #   call 2:  bash scripts/device_distill.sh students MIN  the width-384 student distilled from the
-#            teacher's best weights with each schedule (decoupled, progressive, dynamic), and the
-#            same student trained without a teacher, all four at once for the same minutes.
+#            teacher's best weights with each schedule (decoupled, progressive, dynamic; relative
+#            feature loss, the default since session 7) and progressive with the papers' raw MSE
+#            (--feature-loss mse), all four at once for the same minutes. (Session 6 ran the
+#            student without a teacher in the fourth slot: behind all three schedules.)
 #            Returns the best-scoring student (int8).
 #   or:      bash scripts/device_distill.sh attention MIN  dense (global) against 3D dilated sparse
 #            attention: the width-384 student trained from scratch both ways at once, same recipe
@@ -46,8 +48,9 @@ else
   for s in decoupled progressive dynamic; do
     launch "student_$s" distill --teacher /tmp/teacher/best.safetensors --schedule "$s" "${STUDENT[@]}" --lr 5e-4
   done
-  launch student_scratch train "${STUDENT[@]}" --lr 5e-4
-  RUNS="student_decoupled student_progressive student_dynamic student_scratch" KEEP=
+  launch student_progressive_mse distill --teacher /tmp/teacher/best.safetensors \
+    --schedule progressive --feature-loss mse "${STUDENT[@]}" --lr 5e-4
+  RUNS="student_decoupled student_progressive student_dynamic student_progressive_mse" KEEP=
 fi
 wait
 for r in $RUNS; do

@@ -308,10 +308,12 @@ def test_cli_finetune_on_nifti_and_distill(tmp_path: Path) -> None:
     distilled = runner.invoke(
         app,
         ["distill", "--teacher", str(teacher / "model.safetensors"), "--out", str(tmp_path / "d"),
-         *small, "--schedule", "dynamic", *base],
+         *small, "--schedule", "dynamic", "--feature-loss", "mse", *base],
     )  # fmt: skip
     assert distilled.exit_code == 0, distilled.output
     assert (tmp_path / "d" / "extra.safetensors").exists()
+    state = json.loads((tmp_path / "d" / "state.json").read_text())
+    assert state["loop"]["extra"]["feature_loss"] == "mse"
 
 
 def test_batches_carry_several_targets_per_image_and_reuse_a_pool() -> None:
