@@ -124,8 +124,11 @@ def rel_pos_table(table: torch.Tensor, extent: int, members: int, spacing: int) 
     length = 2 * extent - 1
     if table.shape[0] != length:
         table = F.interpolate(table.T[None], size=length, mode="linear")[0].T
-    idx = torch.arange(members, device=table.device) * spacing
-    return table[idx[:, None] - idx[None, :] + extent - 1]
+    # rows for the offsets -(m-1)s ... (m-1)s, then R[i, j] = rows[m-1 + i - j] as windows of
+    # that strided view: views and one flip, where an index tensor took 5 kernels per axis
+    start = extent - 1 - spacing * (members - 1)
+    rows = table[start : start + 2 * spacing * (members - 1) + 1 : spacing]
+    return rows.unfold(0, members, 1).flip(-1).transpose(1, 2)
 
 
 def rel_pos_bias(
