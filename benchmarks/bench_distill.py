@@ -233,7 +233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
     ap.add_argument(
-        "--feature-loss", nargs="+", choices=FEATURE_LOSSES, default=["relative"],
+        "--feature-loss", nargs="+", choices=FEATURE_LOSSES, default=["mse"],
         help="one run per schedule and loss (rows named schedule-loss when several)",
     )  # fmt: skip
     return ap.parse_args(argv)

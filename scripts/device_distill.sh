@@ -5,11 +5,13 @@
 #   call 1:  bash scripts/device_distill.sh teacher MIN   a ViT-B teacher (sam_med3d layout, clean
 #            switches, global attention: the 8^3 token grid fits one 14^3 window anyway) and, beside
 #            it on the same GPU, a fine-tune of the bundled default; both validated on held-out
-#            objects (--val-cases) every 150 steps. Returns the fine-tune's best weights (int8).
+#            objects (--val-cases) every 150 steps. Returns the fine-tune's best and last weights
+#            (int8). The teacher stays on the machine: at ~95 MB in int8 it cannot be carried
+#            back in a later session (a call carries 64 MiB), so it is distilled from in call 2.
 #   call 2:  bash scripts/device_distill.sh students MIN  the width-384 student distilled from the
-#            teacher's best weights with each schedule (decoupled, progressive, dynamic; relative
-#            feature loss, the default since session 7) and progressive with the papers' raw MSE
-#            (--feature-loss mse), all four at once for the same minutes. (Session 6 ran the
+#            teacher's best weights with each schedule (decoupled, progressive, dynamic; the
+#            papers' MSE feature loss) and progressive with the relative feature loss
+#            (--feature-loss relative), all four at once for the same minutes. (Session 6 ran the
 #            student without a teacher in the fourth slot: behind all three schedules.)
 #            Returns the best-scoring student (int8).
 #   or:      bash scripts/device_distill.sh attention MIN  dense (global) against 3D dilated sparse
@@ -48,9 +50,9 @@ else
   for s in decoupled progressive dynamic; do
     launch "student_$s" distill --teacher /tmp/teacher/best.safetensors --schedule "$s" "${STUDENT[@]}" --lr 5e-4
   done
-  launch student_progressive_mse distill --teacher /tmp/teacher/best.safetensors \
-    --schedule progressive --feature-loss mse "${STUDENT[@]}" --lr 5e-4
-  RUNS="student_decoupled student_progressive student_dynamic student_progressive_mse" KEEP=
+  launch student_progressive_rel distill --teacher /tmp/teacher/best.safetensors \
+    --schedule progressive --feature-loss relative "${STUDENT[@]}" --lr 5e-4
+  RUNS="student_decoupled student_progressive student_dynamic student_progressive_rel" KEEP=
 fi
 wait
 for r in $RUNS; do
@@ -63,4 +65,8 @@ echo "keeping $KEEP (best overall: $best)"
 tar czf "$OUT/runs.tar.gz" -C /tmp $(for r in $RUNS; do echo "$r/log.csv $r/val.csv $r/state.json $r/stdout.txt"; done)
 python3 -m fastsam3d convert "/tmp/$KEEP/best.safetensors" "/tmp/$KEEP.int8.safetensors" --dtype int8 \
   && split -b 15m "/tmp/$KEEP.int8.safetensors" "$OUT/${KEEP}_part_"
+if [ "$PHASE" = teacher ]; then  # the fine-tune's last weights too: "best" may be step 0
+  python3 -m fastsam3d convert /tmp/finetune/model.safetensors /tmp/finetune_last.int8.safetensors \
+    --dtype int8 && split -b 15m /tmp/finetune_last.int8.safetensors "$OUT/finetune_last_part_"
+fi
 ls -la "$OUT"

@@ -188,13 +188,15 @@ def test_distillation_lowers_the_feature_loss(schedule: str, tmp_path: Path) -> 
 
 
 def test_relative_feature_loss_weighs_layers_alike() -> None:
-    """The default distillation loss is scale-free: a zero student scores 1 against any teacher,
-    and scaling both feature maps (a deep layer's larger residual stream) changes nothing."""
+    """The relative distillation loss is scale-free: a zero student scores 1 against any
+    teacher, and scaling both feature maps (a deep layer's larger residual stream) changes
+    nothing; raw MSE grows with the square of the scale."""
     torch.manual_seed(0)
     teacher, student = torch.randn(2, 8, 4, 4, 4), torch.randn(2, 8, 4, 4, 4)
-    assert feature_loss(torch.zeros_like(teacher), 300 * teacher).item() == pytest.approx(1.0)
-    assert feature_loss(300 * student, 300 * teacher).item() == pytest.approx(
-        feature_loss(student, teacher).item(), rel=1e-5
+    zero = torch.zeros_like(teacher)
+    assert feature_loss(zero, 300 * teacher, "relative").item() == pytest.approx(1.0)
+    assert feature_loss(300 * student, 300 * teacher, "relative").item() == pytest.approx(
+        feature_loss(student, teacher, "relative").item(), rel=1e-5
     )
     raw = feature_loss(300 * student, 300 * teacher, "mse")
     assert raw.item() == pytest.approx(9e4 * feature_loss(student, teacher, "mse").item(), rel=1e-5)
@@ -308,12 +310,12 @@ def test_cli_finetune_on_nifti_and_distill(tmp_path: Path) -> None:
     distilled = runner.invoke(
         app,
         ["distill", "--teacher", str(teacher / "model.safetensors"), "--out", str(tmp_path / "d"),
-         *small, "--schedule", "dynamic", "--feature-loss", "mse", *base],
+         *small, "--schedule", "dynamic", "--feature-loss", "relative", *base],
     )  # fmt: skip
     assert distilled.exit_code == 0, distilled.output
     assert (tmp_path / "d" / "extra.safetensors").exists()
     state = json.loads((tmp_path / "d" / "state.json").read_text())
-    assert state["loop"]["extra"]["feature_loss"] == "mse"
+    assert state["loop"]["extra"]["feature_loss"] == "relative"
 
 
 def test_batches_carry_several_targets_per_image_and_reuse_a_pool() -> None:

@@ -314,8 +314,10 @@ def distill(
     ] = "progressive",
     feature_loss: Annotated[
         str,
-        typer.Option(help="relative (MSE over the teacher's mean square, default) or mse."),
-    ] = "relative",
+        typer.Option(
+            help="mse (the papers' loss) or relative (MSE over the teacher's mean square)."
+        ),
+    ] = "mse",
     data: DataOpt = None,
     cases: CasesOpt = None,
     steps: StepsOpt = 2000,

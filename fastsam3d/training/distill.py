@@ -16,9 +16,9 @@ from :func:`fastsam3d.training.loop.run`):
   relative depth centred at ``progress / 0.85``), plus the embedding with weight ``progress``;
   the last 15% is the same end-to-end fine-tune.
 
-Every match is a relative squared error by default (``feature="relative"``: MSE over the
-teacher's mean square, :func:`fastsam3d.training.losses.feature_loss`), or plain MSE
-(``"mse"``, the papers' loss, whose deep layers dominate).
+Every match is an MSE (``feature="mse"``, the papers' loss) or, to be compared on the GPU, a
+relative squared error (``"relative"``: MSE over the teacher's mean square, so that layers
+with large features do not dominate; :func:`fastsam3d.training.losses.feature_loss`).
 
 Widths may differ: learned linear projections (kept in ``extra.safetensors`` of the run, not in
 the student) map student features to the teacher's width. Teacher features are computed under
@@ -77,7 +77,7 @@ class Distiller(nn.Module):
         teacher: a :class:`fastsam3d.modeling.Sam3D` (frozen here).
         schedule: one of :data:`SCHEDULES`.
         rounds, box_prob: click-loop settings of the end-to-end phase.
-        feature: ``"relative"`` (default) or ``"mse"``, see
+        feature: ``"mse"`` (default) or ``"relative"``, see
             :func:`fastsam3d.training.losses.feature_loss`.
     """
 
@@ -88,7 +88,7 @@ class Distiller(nn.Module):
         schedule: str = "progressive",
         rounds: int = 5,
         box_prob: float = 0.0,
-        feature: str = "relative",
+        feature: str = "mse",
     ) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
