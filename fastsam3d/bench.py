@@ -215,6 +215,39 @@ def _peak_bytes(device: torch.device, fn: Callable[[], object]) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# aten operations that only make views or take no work (not counted as launched work)
+_NO_WORK_OPS = frozenset(f"aten::{name}" for name in (
+    "view", "_unsafe_view", "_reshape_alias", "reshape", "as_strided", "transpose", "t", "permute",
+    "movedim", "expand", "unsqueeze", "squeeze", "flatten", "select", "slice", "unfold", "split",
+    "unbind", "alias", "detach", "empty", "empty_strided", "resolve_conj", "resolve_neg",
+    "lift_fresh",
+))  # fmt: skip
+
+
+def launched_ops(fn: Callable[[], object], device: torch.device) -> int:
+    """How many operations one call of ``fn`` launches: device kernels and copies on CUDA
+    (what a CUDA graph replays, one launch overhead each); on the CPU the top-level aten
+    operations that do work, a proxy for that count which needs no GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    if cuda:
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+    return sum(
+        e.name.startswith("aten::")
+        and e.name not in _NO_WORK_OPS
+        and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))
+        and not (e.name == "aten::to" and not e.cpu_children)  # a no-op .to()
+        for e in events
+    )
+
+
 def bench_clicks(
     model_factory: Callable[[], torch.nn.Module],
     device: torch.device,
@@ -274,6 +307,8 @@ def bench_clicks(
         if base is None:
             base, ref_masks = row, (first_mask, refine_mask)
             row["mask_voxels"] = int(first_mask.sum())
+            for name, fn in (("encoder", runner.encoder), ("refine_click", runner.refine)):
+                row[f"{name}_ops"] = launched_ops(fn, device)
         else:
             for name in ("encoder", "first_click", "refine_click"):
                 row[f"{name}_ratio"] = base[f"{name}_ms"] / row[f"{name}_ms"]

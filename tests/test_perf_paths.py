@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastsam3d.transforms as tr
-from fastsam3d.bench import ClickRunner, dice, synthetic_crop
+from fastsam3d.bench import ClickRunner, dice, launched_ops, synthetic_crop
 from fastsam3d.modeling.image_encoder import PatchEmbed3D
 from fastsam3d.predictor import Predictor
 from fastsam3d.registry import build_model
@@ -230,3 +230,18 @@ def test_pasted_mask_equals_the_thresholded_logits(seed, kind, oblique_affine):
         outside = new.clone()
         outside[tuple(slice(x - o, y - o) for x, y, o in zip(*box, origin))] = False
         assert not outside.any()
+
+
+def test_launched_ops_counts_work_not_views() -> None:
+    """The benchmark's launch count (the GPU's per-kernel overhead is what the click's time is
+    made of): a refinement launches fewer operations than a first click, which adds the encoder;
+    a pure view launches none."""
+    runner = ClickRunner(Predictor(_small_model(), "cpu"), *synthetic_crop())
+    runner.first()
+    cpu = torch.device("cpu")
+    encoder, first, refine = (
+        launched_ops(f, cpu) for f in (runner.encoder, runner.first, runner.refine)
+    )
+    assert 0 < refine < first and 0 < encoder < first
+    x = torch.zeros(4, 4)
+    assert launched_ops(lambda: x.t().reshape(16)[None], cpu) == 0
