@@ -3,10 +3,13 @@
 Two graphs, as the interactive loop uses them:
 
 * ``encoder.onnx``: ``image`` (1, 1, S, S, S) normalised crop -> ``embedding`` (1, C, S/16, ...).
-* ``decoder.onnx``: prompt encoder + mask decoder for clicks: ``embedding``, ``point_coords``
-  (1, N, 3) crop voxels, ``point_labels`` (1, N) int64 (1 positive, 0 negative; N is dynamic),
+* ``decoder.onnx``: prompt encoder + mask decoder: ``embedding``, ``point_coords`` (1, N, 3)
+  crop voxels, ``point_labels`` (1, N) int64 (N is dynamic; the labels of
+  :meth:`~fastsam3d.modeling.prompt_encoder.PromptEncoder3D.embed_points`: 1 positive,
+  0 negative, -1 the padding point that follows clicks without a box, 2 / 3 a box's corners),
   ``mask_input`` (1, 1, S/4, S/4, S/4) previous low-res logits (zeros on a first click) ->
-  ``low_res_logits`` (1, 1, S/4, ...) and ``iou`` (1, 1). Box prompts are not exported.
+  ``low_res_logits`` (1, 1, S/4, ...) and ``iou`` (1, 1). :class:`OnnxPredictor` adds the
+  padding point or the box corners, so boxes work wherever the model has box embeddings.
 
 :class:`OnnxPredictor` has the :class:`~fastsam3d.predictor.Predictor` methods on numpy arrays
 with onnxruntime's CPU backend, so the Slicer module and light clients can run without torch,
@@ -35,10 +38,12 @@ ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 META_FILE = "onnx_meta.json"
 OPSET = 17
+FORMAT = 2  # 2: padding and box corners are decoder inputs (1: padding inside, clicks only)
 
 
 def _click_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The prompt encoder + mask decoder for clicks as one module (dense PE a constant)."""
+    """The prompt encoder + mask decoder on labelled points (clicks, padding, box corners) as
+    one module (dense PE a constant)."""
     import torch
 
     class Click(torch.nn.Module):
@@ -49,7 +54,8 @@ def _click_module(model: torch.nn.Module) -> torch.nn.Module:
             self.register_buffer("dense_pe", model.prompt_encoder.get_dense_pe().detach())
 
         def forward(self, embedding, point_coords, point_labels, mask_input):
-            sparse, dense = self.prompt_encoder((point_coords, point_labels), None, mask_input)
+            sparse = self.prompt_encoder.embed_points(point_coords, point_labels)
+            dense = self.prompt_encoder.mask_downscaling(mask_input)
             return self.mask_decoder(embedding, self.dense_pe, sparse, dense, False)
 
     return Click().eval()
@@ -87,8 +93,10 @@ def export_onnx(
         )
         inputs = (
             embedding,
-            torch.tensor([[[size / 2, size / 2, size / 2], [size / 3, size / 2, size / 2]]]),
-            torch.tensor([[1, 0]]),
+            torch.tensor(
+                [[[size / 2, size / 2, size / 2], [size / 3, size / 2, size / 2], [0, 0, 0]]]
+            ),
+            torch.tensor([[1, 0, -1]]),
             torch.zeros(1, 1, low, low, low),
         )
         torch.onnx.export(
@@ -101,7 +109,8 @@ def export_onnx(
             opset_version=opset,
             dynamo=False,
         )
-    meta = {"img_size": size, "low_res": low, "config": model.config.to_dict(), "opset": opset}
+    meta = {"format": FORMAT, "img_size": size, "low_res": low, "opset": opset,
+            "accepts_boxes": model.config.accepts_boxes, "config": model.config.to_dict()}  # fmt: skip
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     return enc_path, dec_path
 
@@ -110,7 +119,7 @@ class OnnxPredictor:
     """Predictor on onnxruntime (CPU), with the :class:`~fastsam3d.predictor.Predictor`
     interface a :class:`~fastsam3d.session.Session` uses: ``set_image`` (with an embedding
     cache keyed by crop), then ``predict``. Inputs may be numpy arrays or CPU torch tensors;
-    outputs are numpy arrays. Clicks only: box prompts and multimask output are not exported.
+    outputs are numpy arrays. Clicks and boxes; multimask output is not exported.
 
     Args:
         folder: where :func:`export_onnx` wrote its files.
@@ -119,7 +128,6 @@ class OnnxPredictor:
     """
 
     device = "cpu"
-    accepts_boxes = False
 
     def __init__(self, folder: str | Path, threads: int | None = None, cache_size: int = 16):
         try:
@@ -135,6 +143,13 @@ class OnnxPredictor:
                 f"{folder}: missing {', '.join(missing)}; run fastsam3d export-onnx"
             )
         self.meta = json.loads((folder / META_FILE).read_text())
+        if self.meta.get("format") != FORMAT:
+            raise FastSAM3DError(
+                f"{folder} was exported by an older fastsam3d (format "
+                f"{self.meta.get('format', 1)}, this one reads {FORMAT}); run fastsam3d export-onnx "
+                "again"
+            )
+        self.accepts_boxes = bool(self.meta["accepts_boxes"])
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -176,16 +191,30 @@ class OnnxPredictor:
         self._embedding = None
 
     def predict(
-        self, points, labels, box=None, mask_input=None, multimask: bool = False
+        self, points=None, labels=None, box=None, mask_input=None, multimask: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Clicks (N, 3) crop voxels and labels (N,) (1 positive, 0 negative), optional previous
-        low-res logits (1, 1, L, L, L) -> low-res logits (1, 1, L, L, L), iou (1, 1)."""
+        """Clicks (N, 3) crop voxels and labels (N,) (1 positive, 0 negative) and/or a box (2, 3)
+        low/high corners, optional previous low-res logits (1, 1, L, L, L) -> low-res logits
+        (1, 1, L, L, L), iou (1, 1)."""
         if self._embedding is None:
             raise RuntimeError("call set_image() before predict()")
-        if box is not None or points is None:
-            raise PromptError("the onnxruntime backend takes clicks only (boxes were not exported)")
+        if box is not None and not self.accepts_boxes:
+            raise PromptError("this model was not trained with box prompts; use clicks instead")
+        if points is None and box is None:
+            raise PromptError("give at least one click or a box")
         if multimask:
             raise ValueError("the exported decoder has the single-mask output only")
+        coords = [np.zeros((0, 3), np.float32)]
+        codes = [np.zeros(0, np.int64)]
+        if points is not None:
+            coords.append(np.asarray(points, np.float32).reshape(-1, 3))
+            codes.append(np.asarray(labels, np.int64).reshape(-1))
+        if box is None:  # the padding point that follows clicks without a box
+            coords.append(np.zeros((1, 3), np.float32))
+            codes.append(np.array([-1]))
+        else:
+            coords.append(np.asarray(box, np.float32).reshape(2, 3))
+            codes.append(np.array([2, 3]))
         low = self.meta["low_res"]
         if mask_input is None:
             mask_input = np.zeros((1, 1, low, low, low), np.float32)
@@ -193,8 +222,8 @@ class OnnxPredictor:
             None,
             {
                 "embedding": self._embedding,
-                "point_coords": np.asarray(points, np.float32).reshape(1, -1, 3),
-                "point_labels": np.asarray(labels, np.int64).reshape(1, -1),
+                "point_coords": np.concatenate(coords)[None],
+                "point_labels": np.concatenate(codes)[None],
                 "mask_input": np.ascontiguousarray(mask_input, dtype=np.float32),
             },
         )

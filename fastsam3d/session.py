@@ -160,7 +160,7 @@ class Session:
 
     Args:
         model: ``"default"`` (bundled weights), a checkpoint path, a folder written by
-            ``fastsam3d export-onnx`` (runs on onnxruntime, CPU, clicks only), a built model, a
+            ``fastsam3d export-onnx`` (runs on onnxruntime, CPU), a built model, a
             :class:`~fastsam3d.predictor.Predictor` or an :class:`~fastsam3d.export.OnnxPredictor`.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         protect: never overwrite voxels of other objects.

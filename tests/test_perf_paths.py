@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -123,21 +126,31 @@ def test_onnx_matches_torch(tmp_path):
     ref_p, ort_p = Predictor(model, "cpu"), OnnxPredictor(tmp_path)
     ref_p.set_image(crop)
     ort_p.set_image(crop.numpy())
-    for pts, lbl in [(click[None], [1]), (np.stack([click, click + 9, click - 7]), [1, 0, 1])]:
+    box = np.stack([click - 12, click + 10]).astype(np.float32)
+    prompts = [
+        (click[None], [1], None),
+        (np.stack([click, click + 9, click - 7]), [1, 0, 1], None),
+        (None, None, box),  # a box alone, then a box with clicks
+        (np.stack([click, click + 9]), [1, 0], box),
+    ]
+    for pts, lbl, bx in prompts:
         mask = torch.randn(1, 1, 32, 32, 32)
-        ref, ref_iou = ref_p.predict(torch.tensor(pts).float(), torch.tensor(lbl), mask_input=mask)
-        got, got_iou = ort_p.predict(pts, np.array(lbl), mask_input=mask.numpy())
+        t_pts = None if pts is None else torch.tensor(pts).float()
+        t_lbl = None if lbl is None else torch.tensor(lbl)
+        t_box = None if bx is None else torch.from_numpy(bx)
+        ref, ref_iou = ref_p.predict(t_pts, t_lbl, box=t_box, mask_input=mask)
+        got, got_iou = ort_p.predict(pts, lbl, box=bx, mask_input=mask.numpy())
         np.testing.assert_allclose(got, ref.numpy(), atol=1e-4)
         np.testing.assert_allclose(got_iou, ref_iou.numpy(), atol=1e-4)
         assert dice(torch.from_numpy(got) > 0, ref > 0) >= 0.99
 
 
 def test_session_runs_on_the_onnx_folder(tmp_path):
-    """A Session given an export-onnx folder runs onnxruntime (CPU, clicks only) with the
-    embedding cache, and its masks are the torch session's; wrong folders and boxes are
-    readable errors."""
+    """A Session given an export-onnx folder runs onnxruntime (CPU) with the embedding cache,
+    and its masks are the torch session's, from clicks and from a box; wrong or outdated
+    folders are readable errors."""
     pytest.importorskip("onnxruntime")
-    from fastsam3d.errors import CheckpointError, PromptError
+    from fastsam3d.errors import CheckpointError, FastSAM3DError
     from fastsam3d.export import OnnxPredictor, export_onnx
     from fastsam3d.sample_data import make_phantom
     from fastsam3d.session import Session
@@ -153,12 +166,20 @@ def test_session_runs_on_the_onnx_folder(tmp_path):
         for point, positive in clicks:
             session.add_point(point, positive=positive)
         maps.append(session.label_map.copy())
+        session.add_box((20, 20, 10), (40, 40, 30), object_id=session.new_object())
+        maps.append(session.label_map.copy())
     assert isinstance(session.predictor, OnnxPredictor)
     assert session.model_name == "onnx (onnxruntime)"
     assert session.predictor.encoder_calls == 1  # nearby clicks reuse the cached embedding
-    assert dice(torch.from_numpy(maps[1] > 0), torch.from_numpy(maps[0] > 0)) >= 0.98
-    with pytest.raises(PromptError, match="onnx \\(onnxruntime\\) takes clicks only"):
-        session.add_box((20, 20, 10), (40, 40, 30))
+    for torch_map, onnx_map in zip(maps[:2], maps[2:]):  # after the clicks, after the box
+        assert (onnx_map == torch_map).mean() >= 0.99
+        assert dice(torch.from_numpy(onnx_map == 1), torch.from_numpy(torch_map == 1)) >= 0.98
+    meta = tmp_path / "onnx" / "onnx_meta.json"
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "onnx", old)
+    (old / meta.name).write_text(json.dumps({**json.loads(meta.read_text()), "format": 1}))
+    with pytest.raises(FastSAM3DError, match="older fastsam3d .* run fastsam3d export-onnx again"):
+        Session(old, device="cpu")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="without encoder.onnx"):
         Session(tmp_path / "empty", device="cpu")

@@ -115,7 +115,7 @@ def segment(
         str,
         typer.Option(
             help="'default' (bundled weights), a checkpoint path, an export-onnx folder "
-            "(onnxruntime, CPU, clicks only) or 'untrained' (random weights, pipeline check only)."
+            "(onnxruntime, CPU) or 'untrained' (random weights, pipeline check only)."
         ),
     ] = "default",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

@@ -105,15 +105,17 @@ class PromptEncoder3D(nn.Module):
         norm = [(coords[..., i] + 0.5) / n for i, n in enumerate(self.input_image_size)]
         return self.pe_layer.encode(torch.stack(norm, dim=-1))
 
-    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        if pad:  # one padding point when no box follows (official behaviour)
-            points = torch.cat([points, points.new_zeros(points.shape[0], 1, 3)], dim=1)
-            labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
-        emb = self._embed_coords(points)
-        labels = labels[..., None]
-        emb = torch.where(labels == -1, self.not_a_point_embed.weight, emb)
-        emb = emb + (labels == 0) * self.point_embeddings[0].weight
-        return emb + (labels == 1) * self.point_embeddings[1].weight
+    def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sparse prompt tokens (B, N, C) of labelled points, without the padding point.
+
+        Labels: -1 padding (``not_a_point_embed``), 0 negative, 1 positive, 2 / 3 a box's low /
+        high corner (models with 4 point embeddings). A box is its two corners, so clicks and a
+        box are one call (and one exported ONNX graph).
+        """
+        table = torch.cat([e.weight for e in self.point_embeddings])
+        emb = self._embed_coords(coords)
+        known = (labels >= 0)[..., None]
+        return torch.where(known, emb + table[labels.clamp_min(0)], self.not_a_point_embed.weight)
 
     def forward(
         self,
@@ -138,19 +140,25 @@ class PromptEncoder3D(nn.Module):
             )
         bs = next((t.shape[0] for t in (points and points[0], boxes, masks) if t is not None), 1)
         device = self.no_mask_embed.weight.device
-        sparse = [torch.empty(bs, 0, self.embed_dim, device=device)]
+        coords: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
         if points is not None:
-            sparse.append(self._embed_points(points[0], points[1], pad=boxes is None))
+            coords.append(points[0].float())
+            labels.append(points[1])
+            if boxes is None:  # one padding point when no box follows (official behaviour)
+                coords.append(torch.zeros(bs, 1, 3, device=device))
+                labels.append(-torch.ones(bs, 1, dtype=torch.int64, device=device))
         if boxes is not None:
-            corners = self._embed_coords(boxes.reshape(bs, 2, 3))
-            corners = corners + torch.cat(
-                [self.point_embeddings[2].weight, self.point_embeddings[3].weight]
-            )
-            sparse.append(corners)
+            coords.append(boxes.reshape(bs, 2, 3).float())
+            labels.append(torch.arange(2, 4, device=device).expand(bs, 2))
+        if labels:
+            sparse = self.embed_points(torch.cat(coords, dim=1), torch.cat(labels, dim=1))
+        else:
+            sparse = torch.empty(bs, 0, self.embed_dim, device=device)
         if masks is not None:
             dense = self.mask_downscaling(masks)
         else:
             dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(
                 bs, -1, *self.image_embedding_size
             )
-        return torch.cat(sparse, dim=1), dense
+        return sparse, dense
