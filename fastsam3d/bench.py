@@ -395,14 +395,19 @@ def bench_compile(
     repeats: int = 50,
     arch: str = "",
 ) -> list[dict]:
-    """``torch.compile`` (inductor; "reduce-overhead" on CUDA) against eager: cost and gain."""
-    return bench_clicks(
-        model_factory,
-        device,
-        [Variant("fp32-eager", click_threads=None), Variant("fp32-inductor", compile="inductor")],
-        repeats,
-        arch,
-    )
+    """``torch.compile`` (inductor; "reduce-overhead" on CUDA) against eager: cost and gain;
+    on CUDA also inductor's fused kernels inside our own graphs, beside the hand-made graphs."""
+    variants = [
+        Variant("fp32-eager", click_threads=None),
+        Variant("fp32-inductor", compile="inductor"),
+    ]
+    if device.type == "cuda":
+        bf16w = {"dtype": "bf16", "bf16_weights": True}
+        variants += [
+            Variant("bf16w-graphs", compile="cudagraphs", **bf16w),
+            Variant("bf16w-ind-graphs", compile="inductor-graphs", **bf16w),
+        ]
+    return bench_clicks(model_factory, device, variants, repeats, arch)
 
 
 def table(rows: list[dict]) -> str:

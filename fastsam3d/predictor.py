@@ -29,7 +29,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 DTYPES = ("fp32", "bf16")
-COMPILE_MODES = ("cudagraphs", "inductor")
+COMPILE_MODES = ("cudagraphs", "inductor", "inductor-graphs")
+GRAPH_MODES = ("cudagraphs", "inductor-graphs")  # replayed through our own CudaGraph
 QUANTIZE_MODES = ("int8",)
 
 
@@ -48,9 +49,11 @@ class Predictor:
             softmax in float32; outputs are float32 either way).
         compile: None (eager), ``"cudagraphs"`` (CUDA only: encoder and click captured once per
             prompt shape and replayed, which removes the kernel-launch and host overhead that
-            dominates a 128^3 click on a GPU) or ``"inductor"`` (``torch.compile``; mode
-            ``"reduce-overhead"`` on CUDA). If capture or compilation fails, the predictor warns
-            and stays eager.
+            dominates a 128^3 click on a GPU), ``"inductor"`` (``torch.compile``; mode
+            ``"reduce-overhead"`` on CUDA) or ``"inductor-graphs"`` (CUDA only: ``torch.compile``
+            with inductor's fused kernels, captured in our own graphs as ``"cudagraphs"`` does, so
+            a replay runs no guards). If capture or compilation fails, the predictor warns and
+            stays eager.
         quantize: None or ``"int8"`` (CPU only: dynamic int8 quantisation of the image encoder's
             Linear layers, weights int8, activations quantised per call, fbgemm kernels; the
             decoder stays float32 because its small matrices ran 5x slower quantised).
@@ -79,8 +82,8 @@ class Predictor:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if compile is not None and compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {compile!r}")
-        if compile == "cudagraphs" and self.device.type != "cuda":
-            raise ValueError("compile='cudagraphs' needs a CUDA device")
+        if compile in GRAPH_MODES and self.device.type != "cuda":
+            raise ValueError(f"compile={compile!r} needs a CUDA device")
         if quantize is not None and quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be None or one of {QUANTIZE_MODES}, got {quantize!r}")
         if quantize and self.device.type != "cpu":
@@ -100,8 +103,10 @@ class Predictor:
         self._click = self._click_eager
         self._graphs: dict[tuple, CudaGraph] = {}
         self._pool = None
-        if compile == "inductor":
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
+        if compile in ("inductor", "inductor-graphs"):
+            mode = (
+                "reduce-overhead" if compile == "inductor" and self.device.type == "cuda" else None
+            )
             self._encode = torch.compile(self._encode_eager, mode=mode, dynamic=False)
             self._click = torch.compile(self._click_eager, mode=mode, dynamic=False)
         self.encoder_calls = 0  # how many times the image encoder ran (tests check the cache)
@@ -144,12 +149,12 @@ class Predictor:
         return low_res.float(), iou.float()
 
     def _run(self, name: str, fn, args: tuple, key: tuple):
-        """``fn(*args)``, through a CUDA graph keyed by ``key`` when ``compile="cudagraphs"``."""
+        """``fn(*args)``, through a CUDA graph keyed by ``key`` in the graph modes."""
         if self.compile == "inductor" and self.device.type == "cuda":
             # reduce-overhead replays CUDA graphs whose outputs the next replay overwrites
             torch.compiler.cudagraph_mark_step_begin()
             return _map_tensors(fn(*args), torch.clone)
-        if self.compile != "cudagraphs":
+        if self.compile not in GRAPH_MODES:
             return fn(*args)
         graph = self._graphs.get((name, *key))
         if graph is None:

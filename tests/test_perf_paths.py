@@ -198,16 +198,20 @@ def test_session_runs_on_the_onnx_folder(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graphs_give_the_eager_masks():
     ref = _masks(Predictor(_small_model(), "cuda"))
-    got = _masks(Predictor(_small_model(), "cuda", compile="cudagraphs"))
-    for a, b in zip(got, ref):
-        assert dice(a, b) >= 0.999
+    for mode in ("cudagraphs", "inductor-graphs"):
+        got = _masks(Predictor(_small_model(), "cuda", compile=mode))
+        for a, b in zip(got, ref):
+            assert dice(a, b) >= 0.999, mode
 
 
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="dtype"):
         Predictor(_small_model(), "cpu", dtype="fp8")
-    with pytest.raises(ValueError, match="CUDA"):
-        Predictor(_small_model(), "cpu", compile="cudagraphs")
+    for mode in ("cudagraphs", "inductor-graphs"):
+        with pytest.raises(ValueError, match="CUDA"):
+            Predictor(_small_model(), "cpu", compile=mode)
+    with pytest.raises(ValueError, match="compile must be"):
+        Predictor(_small_model(), "cpu", compile="tensorrt")
 
 
 @pytest.mark.parametrize("seed", range(4))
