@@ -204,8 +204,8 @@ class OnnxPredictor:
             raise PromptError("give at least one click or a box")
         if multimask:
             raise ValueError("the exported decoder has the single-mask output only")
-        coords = [np.zeros((0, 3), np.float32)]
-        codes = [np.zeros(0, np.int64)]
+        coords: list[np.ndarray] = []
+        codes: list[np.ndarray] = []
         if points is not None:
             coords.append(np.asarray(points, np.float32).reshape(-1, 3))
             codes.append(np.asarray(labels, np.int64).reshape(-1))
