@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fastsam3d.errors import FastSAM3DError
@@ -302,6 +303,16 @@ def test_cli_finetune_on_nifti_and_distill(tmp_path: Path) -> None:
     assert tuned.exit_code == 0, tuned.output
     state = json.loads((tmp_path / "ft" / "state.json").read_text())
     assert state["loop"]["extra"]["real_cases"] == ["case1"]
+    frozen = runner.invoke(
+        app,
+        ["finetune", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "fz"),
+         "--from", str(teacher / "model.safetensors"), "--freeze-encoder", *base],
+    )  # fmt: skip
+    assert frozen.exit_code == 0, frozen.output
+    start = load_file(teacher / "model.safetensors")
+    after = load_file(tmp_path / "fz" / "model.safetensors")
+    moved = {k.split(".")[0] for k in start if not torch.equal(start[k], after[k])}
+    assert moved and "image_encoder" not in moved  # only the prompt side trained
     small = [
         *sets[: sets.index("embed_dim=32")],
         "embed_dim=16",

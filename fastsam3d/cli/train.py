@@ -282,6 +282,13 @@ def finetune(
     synthetic: SynthOpt = None,
     val_cases: ValCasesOpt = None,
     val_every: ValEveryOpt = 250,
+    freeze_encoder: Annotated[
+        bool,
+        typer.Option(
+            help="Train only the prompt encoder and mask decoder; the image encoder keeps its "
+            "weights and runs without gradient (cheaper: the way to fine-tune on a CPU)."
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune a model on your own labelled volumes (some synthetic crops keep it general),
     or continue training a checkpoint (--from PATH, with --cases prepared by `train --save-cases`)."""
@@ -295,7 +302,9 @@ def finetune(
         if path is None:
             raise FastSAM3DError("no default weights are bundled; pass --from PATH")
         model = build_model(checkpoint=path)
-        recipe = {"command": "finetune", "from": str(path)}
+        if freeze_encoder:  # no gradient reaches it, so the optimiser never sees its weights
+            model.image_encoder.requires_grad_(False)
+        recipe = {"command": "finetune", "from": str(path), "freeze_encoder": freeze_encoder}
         _run_click_training(
             model, out, data, cases, None, steps, batch_size, lr, max_minutes, schedule_minutes,
             rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
