@@ -109,8 +109,14 @@ def export_onnx(
             opset_version=opset,
             dynamo=False,
         )
-    meta = {"format": FORMAT, "img_size": size, "low_res": low, "opset": opset,
-            "accepts_boxes": model.config.accepts_boxes, "config": model.config.to_dict()}  # fmt: skip
+    meta = {
+        "format": FORMAT,
+        "img_size": size,
+        "low_res": low,
+        "opset": opset,
+        "accepts_boxes": model.config.accepts_boxes,
+        "config": model.config.to_dict(),
+    }
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     return enc_path, dec_path
 
@@ -146,8 +152,8 @@ class OnnxPredictor:
         if self.meta.get("format") != FORMAT:
             raise FastSAM3DError(
                 f"{folder} was exported by an older fastsam3d (format "
-                f"{self.meta.get('format', 1)}, this one reads {FORMAT}); run fastsam3d export-onnx "
-                "again"
+                f"{self.meta.get('format', 1)}, this one reads {FORMAT}); "
+                "run fastsam3d export-onnx again"
             )
         self.accepts_boxes = bool(self.meta["accepts_boxes"])
         opts = ort.SessionOptions()

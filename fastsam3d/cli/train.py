@@ -372,8 +372,8 @@ def distill(
             device=str(dev), save_every=save_every, schedule_minutes=schedule_minutes,
             val_every=val_every,
             extra={"command": "distill", "teacher": str(teacher), "student": student,
-                   "overrides": _overrides(set_), "schedule": schedule, "feature_loss": feature_loss,
-                   "synthetic": synth_given},
+                   "overrides": _overrides(set_), "schedule": schedule,
+                   "feature_loss": feature_loss, "synthetic": synth_given},
         )  # fmt: skip
         source = BatchSource(
             batch_size, dev, seed, real, real_fraction if real else 0.0,

@@ -363,9 +363,9 @@ def run(
     ``out/state.json`` the run continues from the saved step, elapsed time and optimizer state.
 
     With ``validate`` (e.g. a :class:`fastsam3d.training.validate.CropValidator`), the model is
-    scored before the first step, every ``cfg.val_every`` steps and at the end; each result is a row of ``val.csv`` and
-    the best ``score`` so far is kept as ``best.safetensors`` (its step in ``state.json``).
-    Validation time counts towards the run's minutes.
+    scored before the first step, every ``cfg.val_every`` steps and at the end; each result is a
+    row of ``val.csv`` and the best ``score`` so far is kept as ``best.safetensors`` (its step in
+    ``state.json``). Validation time counts towards the run's minutes.
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
