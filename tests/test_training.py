@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,23 @@ def test_resumed_run_continues_from_its_step(tmp_path: Path) -> None:
     reloaded = build_model(checkpoint=tmp_path / "model.safetensors")
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k])
+
+
+def test_run_spent_in_the_first_validation_still_saves(tmp_path: Path) -> None:
+    """A budget used up by the step-0 validation (a slow CPU) leaves weights and a state to
+    resume from, not a "done" that names a file never written."""
+    model = _tiny()
+
+    def slow_validation(m: torch.nn.Module) -> dict[str, float]:
+        time.sleep(0.05)
+        return {"score": 0.5}
+
+    cfg = LoopConfig(steps=3, batch_size=2, max_minutes=1e-4, log_every=100)
+    state = run(model, lambda b, p: click_loss(model, b, torch.Generator(), 2), _source(2), cfg,
+                tmp_path, validate=slow_validation)  # fmt: skip
+    assert state["step"] == 0 and state["best"] == {"step": 0, "score": 0.5}
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 0
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "best.safetensors").exists()
 
 
 def test_layer_schedules() -> None:

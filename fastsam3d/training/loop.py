@@ -419,6 +419,17 @@ def run(
             save_safetensors(model, out / "best.safetensors", overwrite=True)
             best.update(step=s, score=metrics["score"])
 
+    def save(s: int, row: dict[str, Any] | None) -> dict[str, Any]:
+        state = {
+            "step": s,
+            "elapsed_s": time.perf_counter() - t_start,
+            "loop": asdict(cfg),
+            "last": row,
+            **({"best": best} if best else {}),
+        }
+        _save_state(out, model, extra, opt, state)
+        return state
+
     def progress_of(s: int) -> float:
         p = s / cfg.steps
         if budget_s:
@@ -471,14 +482,9 @@ def run(
             if validate is not None and (step % cfg.val_every == 0 or finished(step)):
                 validation(step)
             if step - last_save >= cfg.save_every or finished(step):
-                state = {
-                    "step": step,
-                    "elapsed_s": time.perf_counter() - t_start,
-                    "loop": asdict(cfg),
-                    "last": row,
-                    **({"best": best} if best else {}),
-                }
-                _save_state(out, model, extra, opt, state)
+                state = save(step, row)
                 last_save = step
     writer_file.close()
+    if not state:  # the budget ran out before a step (in the step-0 validation, or a resume)
+        state = save(step, None)
     return state
