@@ -12,7 +12,7 @@ import contextlib
 import warnings
 from collections.abc import Hashable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -59,11 +59,12 @@ class Predictor:
             decoder stays float32 because its small matrices ran 5x slower quantised).
         click_threads: CPU threads for the click path (prompt encoder + decoder; the session
             maps the click's logits to the native grid on them too), None to leave torch's
-            setting. The decoder is a chain of small operations whose OpenMP
-            barriers stall whenever another process (or the GUI) holds a core: on the 2-core
-            CI machine a refinement took 318 ms with 2 threads and 91 ms with 1, and 1944 vs
-            292 ms with one core busy (benchmarks/NOTES.md). The setting is process-wide
-            while a click runs and restored after it.
+            setting, ``"auto"`` (default) for one fewer than torch's threads, at least one. The
+            decoder is a chain of small operations whose OpenMP barriers stall whenever
+            another process (or the GUI) holds a core: on the 2-core CI machine a refinement
+            took 318 ms with 2 threads and 91 ms with 1, and 1944 vs 292 ms with one core busy
+            (benchmarks/NOTES.md), so one core is left free: 1 thread on 2 cores, 3 on a
+            4-core laptop. The setting is process-wide while a click runs and restored after.
     """
 
     def __init__(
@@ -75,7 +76,7 @@ class Predictor:
         dtype: str = "fp32",
         compile: str | None = None,
         quantize: str | None = None,
-        click_threads: int | None = 1,
+        click_threads: int | Literal["auto"] | None = "auto",
     ):
         self.device = resolve_device(device)
         if dtype not in DTYPES:
@@ -95,6 +96,8 @@ class Predictor:
             self.model = Sam3D(encoder, m.prompt_encoder, m.mask_decoder, m.config).eval()
         self.dtype = dtype
         self.compile = compile
+        if click_threads == "auto":
+            click_threads = max(1, torch.get_num_threads() - 1)
         self.click_threads = click_threads if self.device.type == "cpu" else None
         self._cache = EmbeddingCache(cache_size)
         self._embedding: torch.Tensor | None = None

@@ -69,6 +69,20 @@ def test_int8_leaves_the_callers_model_float():
     assert pred.model.image_encoder is not model.image_encoder
 
 
+@pytest.mark.parametrize(("torch_threads", "expected"), [(1, 1), (2, 1), (4, 3), (8, 7)])
+def test_click_threads_leave_one_core_free(torch_threads, expected):
+    """The default click runs on one thread fewer than torch's (the GUI and other processes
+    keep a core, so OpenMP barriers do not stall), and never on none; explicit values stay."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        assert Predictor(_small_model(), "cpu").click_threads == expected
+        assert Predictor(_small_model(), "cpu", click_threads=2).click_threads == 2
+        assert Predictor(_small_model(), "cpu", click_threads=None).click_threads is None
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_patch_embedding_matmul_equals_the_convolution():
     torch.manual_seed(0)
     embed = PatchEmbed3D(16, 1, 64)
