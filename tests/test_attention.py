@@ -178,3 +178,27 @@ def test_dilated_encoder_runs_on_larger_crops(size: int, grid: int) -> None:
         emb, blocks = model.image_encoder(torch.randn(1, 1, size, size, size), return_blocks=True)
     assert emb.shape == (1, 12, grid, grid, grid)
     assert len(blocks) == 6 and blocks[-1].shape == (1, grid, grid, grid, 24)
+
+
+@pytest.mark.parametrize("channel_major_merge", [False, True])
+@pytest.mark.parametrize(("nq", "nk"), [(9, 512), (512, 9), (9, 9), (40, 512), (2, 64), (64, 64)])
+def test_decoder_attention_folded_forms_equal_the_plain_one(
+    channel_major_merge: bool, nq: int, nk: int
+) -> None:
+    """Folding the image side's projections into the prompt tokens' side (CPU) is the same
+    attention up to float rounding, in both head-merge orders, batched; the cost model picks a
+    folded form for the decoder's few-tokens-to-image shapes and the plain one otherwise."""
+    from fastsam3d.modeling.transformer import DecoderAttention
+
+    attn = DecoderAttention(384, 8, 2, channel_major_merge=channel_major_merge).eval()
+    q, k, v = torch.randn(2, nq, 384), torch.randn(2, nk, 384), torch.randn(2, nk, 384)
+    with torch.no_grad():
+        plain = attn._merge(
+            attend(attn._split(attn.q_proj(q)), attn._split(attn.k_proj(k)),
+                   attn._split(attn.v_proj(v)))
+        )  # fmt: skip
+        for form in (attn._few_queries, attn._few_keys, attn):
+            torch.testing.assert_close(form(q, k, v), plain, rtol=1e-5, atol=2e-6)
+    costs = attn._fold_costs(nq, nk)
+    expected = {(9, 512): "queries", (512, 9): "keys", (2, 64): "queries"}.get((nq, nk))
+    assert min(costs, key=costs.get) == expected
