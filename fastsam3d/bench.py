@@ -608,7 +608,9 @@ def ct_like_volume(
     spacing: tuple[float, float, float] = (0.7, 0.7, 1.0),
 ):
     """A CT-like int16 volume (HU) of ``shape`` at ``spacing`` mm: air, a body ellipse, organs
-    as bright ellipsoids, noise. Returns (Volume, voxel of a click in the first organ)."""
+    as bright ellipsoids, noise; the layout is the 512 x 512 x 300 one scaled to ``shape`` (so a
+    128^3 volume holds whole organs too). Returns (Volume, voxel of a click in the first
+    organ)."""
     from fastsam3d.io.read import Volume
 
     rng = np.random.default_rng(seed)
@@ -616,8 +618,10 @@ def ct_like_volume(
     arr = np.full(shape, -1000, np.int16)
     body = (i[:, None] / (0.42 * shape[0])) ** 2 + (j[None, :] / (0.35 * shape[1])) ** 2 <= 1
     arr[body] = 40
+    scale = np.asarray(shape) / (512, 512, 300)
     organs = [((-60, 20, 0), (70, 55, 60), 120), ((70, -30, 30), (35, 30, 40), 200)]
-    for (ci, cj, ck), (ri, rj, rk), hu in organs:
+    for centre, radii, hu in organs:
+        (ci, cj, ck), (ri, rj, rk) = np.multiply(centre, scale), np.multiply(radii, scale)
         e = (
             ((i[:, None, None] - ci) / ri) ** 2
             + ((j[None, :, None] - cj) / rj) ** 2
@@ -627,7 +631,7 @@ def ct_like_volume(
     arr += rng.normal(0, 10, shape).astype(np.int16)
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = -affine[:3, :3] @ (np.asarray(shape) / 2)
-    click = np.asarray(organs[0][0]) + np.asarray(shape) / 2
+    click = np.multiply(organs[0][0], scale) + np.asarray(shape) / 2
     return Volume(arr, affine), click
 
 
