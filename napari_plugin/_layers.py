@@ -197,3 +197,33 @@ def _brightest_along(data, start: np.ndarray, ray: np.ndarray) -> np.ndarray:
     idx = np.clip(np.floor(points + 0.5).astype(int), 0, shape.astype(int) - 1)
     values = np.asarray(data[idx[:, 0], idx[:, 1], idx[:, 2]])
     return points[int(np.argmax(values))]
+
+
+def box_from_rectangle(
+    vertices: np.ndarray, volume: Volume, depth_mm: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The 3D voxel box (lo, hi) of a rectangle drawn on one slice of ``volume``.
+
+    ``vertices`` (4, 3) are the rectangle's corners in the image's voxel coordinates (as
+    :func:`pick_voxel` maps them from the 2D view), flat along the sliced axis. The box spans the
+    rectangle in plane and ``depth_mm`` through it, centred on the slice; 0 makes it as deep as
+    the rectangle's longer side (organs are about as deep as they are wide). Clipped to the
+    volume; a rectangle with no area inside it is a :class:`PromptError`.
+    """
+    vertices = np.asarray(vertices, float)
+    shape = np.asarray(volume.array.shape)
+    extent = np.ptp(vertices, axis=0)
+    flat = np.flatnonzero(extent < 1e-6)
+    if vertices.shape != (4, 3) or len(flat) != 1:
+        raise PromptError("a box is a rectangle dragged on one slice of the image")
+    axis = int(flat[0])
+    plane = [a for a in range(3) if a != axis]
+    spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
+    depth = depth_mm or float(max(extent[plane] * spacing[plane]))
+    lo, hi = vertices.min(axis=0), vertices.max(axis=0)
+    lo[axis] -= depth / spacing[axis] / 2
+    hi[axis] += depth / spacing[axis] / 2
+    lo, hi = np.clip(lo, 0, shape - 1), np.clip(hi, 0, shape - 1)
+    if np.any(hi[plane] - lo[plane] < 1):
+        raise PromptError("the box has no area inside the image: drag a rectangle over the object")
+    return lo, hi

@@ -9,8 +9,12 @@ Mouse, on the "<image> prompts" Points layer (selected when you press Start):
 In 2D a click lands on the displayed slice; in 3D on the displayed plane (image layer
 depiction "plane") or, for volume rendering, on the brightest voxel along the view ray.
 
-Keys, with the prompts layer selected: N new object, Ctrl+Z undo, Ctrl+Shift+Z redo,
-R reset the current object, Shift+R clear all objects.
+Box: press "Draw a box" (or B), then drag a rectangle over the object on a 2D slice of the
+"<image> box" layer; it becomes a 3D box prompt for the current object (its earlier prompts are
+replaced), as deep as "Box depth" says, and later clicks refine it.
+
+Keys, with the prompts layer selected: N new object, B draw a box, Ctrl+Z undo, Ctrl+Shift+Z
+redo, R reset the current object, Shift+R clear all objects.
 
 Every :class:`~fastsam3d.session.Session` call runs in order on one persistent worker thread
 (``napari.qt.threading``; cuDNN/cuBLAS caches are per thread), so the viewer never freezes. Each
@@ -37,6 +41,7 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FileEdit,
+    FloatSpinBox,
     Label,
     ProgressBar,
     PushButton,
@@ -44,7 +49,7 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QThreadPool
+from qtpy.QtCore import QThreadPool, QTimer
 
 from fastsam3d import geometry
 from fastsam3d.errors import FastSAM3DError
@@ -53,6 +58,7 @@ from fastsam3d.io.write import save_mask
 from fastsam3d.session import Edit, Session
 from fastsam3d.weights import default_checkpoint
 from napari_plugin._layers import (
+    box_from_rectangle,
     file_stem,
     geometry_metadata,
     layer_affine,
@@ -71,6 +77,7 @@ POSITIVE_COLOR = (0.1, 0.9, 0.2, 1.0)
 NEGATIVE_COLOR = (1.0, 0.15, 0.15, 1.0)
 KEYS = {
     "new_object": "n",
+    "draw_box": "b",
     "undo": "Control-z",
     "redo": "Control-Shift-z",
     "reset_object": "r",
@@ -179,6 +186,7 @@ class FastSAM3DWidget(Container):
         self._volume: Volume | None = None
         self.labels_layer: Labels | None = None
         self.prompts_layer = None
+        self.box_layer = None
         self._autosave_path: Path | None = None
         self._edit_seq = 0
         self._generation = 0  # bumped by start(): results of earlier starts are dropped
@@ -206,6 +214,15 @@ class FastSAM3DWidget(Container):
             ("Reset object [R]", self.reset_object),
             ("Clear all [Shift+R]", self.clear_all),
         ]
+        self._box_btn = PushButton(text="Draw a box [B]")
+        self._box_depth = FloatSpinBox(
+            label="Box depth (mm)",
+            value=0.0,
+            min=0.0,
+            max=2000.0,
+            step=5.0,
+            tooltip="Extent of a drawn box through the slice; 0: as deep as its longer side",
+        )
         rows = []
         for i in range(0, len(buttons), 2):
             row = Container(layout="horizontal", labels=False)
@@ -231,9 +248,10 @@ class FastSAM3DWidget(Container):
         help_text = Label(
             label="",
             value=(
-                "On the prompts layer: click = positive point,\n"
-                "Ctrl+click or right-click = negative point,\n"
-                "drag = pan/rotate (adds nothing)."
+                "Prompts layer: click = positive,\n"
+                "Ctrl+click or right-click = negative,\n"
+                "drag = pan/rotate (adds nothing).\n"
+                "Box [B]: drag a rectangle on a slice."
             ),
         )
         self.extend(
@@ -245,6 +263,8 @@ class FastSAM3DWidget(Container):
                 self._start_btn,
                 self._object_label,
                 *rows,
+                self._box_btn,
+                self._box_depth,
                 self._mask_combo,
                 self._load_mask_btn,
                 self._autosave,
@@ -258,6 +278,7 @@ class FastSAM3DWidget(Container):
         self._checkpoint.visible = not bundled  # once parented: never a window of its own
         self._model_combo.changed.connect(self._on_model_choice)
         self._start_btn.changed.connect(lambda *_: self.start())
+        self._box_btn.changed.connect(lambda *_: self.draw_box())
         self._load_mask_btn.changed.connect(lambda *_: self.load_mask())
         self._save_btn.changed.connect(lambda *_: self.save_now())
 
@@ -285,6 +306,8 @@ class FastSAM3DWidget(Container):
         layers = self.viewer.layers
         if self.prompts_layer is not None and self.prompts_layer not in layers:
             self._detach_prompts()
+        if self.box_layer is not None and self.box_layer not in layers:
+            self.box_layer = None
         if self.labels_layer is not None and self.labels_layer not in layers:
             self.labels_layer = None
 
@@ -341,6 +364,17 @@ class FastSAM3DWidget(Container):
             border_color="white",
             border_width=0.1,
         )
+        # in world coordinates (no affine): napari cannot draw shapes into an oblique layer's
+        # 2D slice (the rectangle's hidden coordinate falls off the slice and the drag fails);
+        # the corners are mapped to voxels on the drawn slice as clicks are (pick_voxel)
+        self.box_layer = self.viewer.add_shapes(
+            ndim=3,
+            name=f"{layer.name} box",
+            edge_color="yellow",
+            face_color="transparent",
+            edge_width=2.0,
+        )
+        self.box_layer.mouse_drag_callbacks.append(self._on_box_drag)
         self.prompts_layer.mode = "pan_zoom"
         self.prompts_layer.mouse_drag_callbacks.append(self._on_mouse_drag)
         for name, key in KEYS.items():
@@ -372,6 +406,10 @@ class FastSAM3DWidget(Container):
         self._status.value = f"ready: click in the image{where}"
 
     def _detach_prompts(self) -> None:
+        if self.box_layer is not None:
+            if self._on_box_drag in self.box_layer.mouse_drag_callbacks:
+                self.box_layer.mouse_drag_callbacks.remove(self._on_box_drag)
+            self.box_layer = None
         if self.prompts_layer is None:
             return
         callbacks = self.prompts_layer.mouse_drag_callbacks
@@ -440,6 +478,58 @@ class FastSAM3DWidget(Container):
             self._status.value = "first click: computing the image embedding…"
         t0 = time.perf_counter()
         self._edit(lambda s: s.add_point(voxel, positive=positive), t0=t0)
+
+    # ------------------------------------------------------------------ boxes
+    def draw_box(self) -> None:
+        """Arm the box tool: the next rectangle dragged on a 2D slice becomes a box prompt."""
+        if self.box_layer is None:
+            show_info("FastSAM3D: choose an image and press Start first")
+            return
+        if self.viewer.dims.ndisplay != 2:
+            show_info("FastSAM3D: a box is drawn on a 2D slice; switch the viewer to 2D")
+            return
+        self.box_layer.data = []
+        self.viewer.layers.selection.active = self.box_layer
+        self.box_layer.mode = "add_rectangle"
+
+    def _on_box_drag(self, layer, event):
+        """Mouse callback of the box layer: after a rectangle is drawn (napari's own callback
+        finishes it on the same release), take it as a box prompt."""
+        yield
+        while event.type == "mouse_move":
+            yield
+        if layer.mode == "add_rectangle":
+            QTimer.singleShot(0, self._take_rectangle)
+
+    def _take_rectangle(self) -> None:
+        """Turn the drawn rectangle into a box prompt, clear it (the mask shows the result) and
+        go back to clicking."""
+        layer = self.box_layer
+        if layer is None or self._volume is None or not len(layer.data):
+            return
+        shown = list(self.viewer.dims.displayed)
+        corners = [pick_voxel(self._image, world, None, shown) for world in layer.data[-1]]
+        layer.data = []
+        layer.mode = "pan_zoom"
+        self.viewer.layers.selection.active = self.prompts_layer
+        try:
+            lo, hi = box_from_rectangle(corners, self._volume, float(self._box_depth.value))
+        except FastSAM3DError as err:
+            show_warning(f"FastSAM3D: {err}")
+            return
+        self.add_box(lo, hi)
+
+    def add_box(self, lo, hi) -> None:
+        """Segment the current object inside the voxel box with corners ``lo`` and ``hi``
+        (replacing its earlier prompts), in the background."""
+        if self._volume is None or self.prompts_layer is None:
+            show_info("FastSAM3D: choose an image and press Start first")
+            return
+        lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+        if self._first_click:
+            self._status.value = "first prompt: computing the image embedding…"
+        t0 = time.perf_counter()
+        self._edit(lambda s: s.add_box(lo, hi), t0=t0)
 
     # ------------------------------------------------------------------ actions
     def new_object(self) -> None:

@@ -10,9 +10,12 @@ from qtpy.QtCore import Qt
 from vispy.app.canvas import MouseEvent
 from vispy.util import keys
 
+from fastsam3d.errors import PromptError
+from fastsam3d.geometry import to_voxel
 from fastsam3d.io import load_volume
+from fastsam3d.io.read import Volume
 from fastsam3d.prompts import PromptLog
-from napari_plugin._layers import layer_affine
+from napari_plugin._layers import box_from_rectangle, layer_affine
 from napari_plugin._widget import NEGATIVE_COLOR, POSITIVE_COLOR, FastSAM3DWidget
 
 WAIT = 60_000  # ms; generous for a loaded 2-core machine
@@ -128,6 +131,59 @@ def test_mouse_clicks_in_3d_plane_and_volume(started, qtbot):
     canvas.events.mouse_release(pos=(360, 330), modifiers=(), button=1)
     _idle(qtbot, widget)
     assert len(widget.prompts_layer.data) == 2
+
+
+def test_box_dragged_on_a_slice(started, qtbot, make_session):
+    """Draw a box [B], drag a rectangle over the phantom on the axial slice: the session gets a
+    3D box around the rectangle, the rectangle is cleared and the prompts layer is active again;
+    a click then refines the boxed object."""
+    viewer, image, widget = started
+    _aim(viewer, image, (30, 28, 20))
+    widget.draw_box()
+    assert viewer.layers.selection.active is widget.box_layer
+    assert widget.box_layer.mode == "add_rectangle"
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+    cx, cy = (s / 2 for s in canvas.size)
+    press = (cx - 60, cy - 60)
+    canvas.events.mouse_press(pos=press, modifiers=(), button=1)
+    for f in (0.5, 1.0):
+        canvas.events.mouse_move(
+            pos=(press[0] + 120 * f, press[1] + 120 * f),
+            modifiers=(),
+            button=1,
+            press_event=MouseEvent(pos=press, type="mouse_press"),
+        )
+        qtbot.wait(50)  # napari throttles mouse moves: let each one land, as a hand would
+    canvas.events.mouse_release(pos=(cx + 60, cy + 60), modifiers=(), button=1)
+    qtbot.waitUntil(lambda: not len(widget.box_layer.data), timeout=WAIT)
+    _idle(qtbot, widget)
+    assert viewer.layers.selection.active is widget.prompts_layer
+    (event,) = [e for e in widget._session.log.events if e.op == "box"]
+    affine = widget._volume.affine
+    lo, hi = (to_voxel(np.asarray(p), "ras", affine) for p in (event.lo_ras, event.hi_ras))
+    box_lo, box_hi = np.minimum(lo, hi), np.maximum(lo, hi)
+    assert np.all(box_lo <= (30, 28, 20)) and np.all((30, 28, 20) <= box_hi)
+    assert widget.labels_layer.data.any()
+    widget.add_point((30, 28, 20))
+    _idle(qtbot, widget)
+    reference = make_session()
+    reference.set_volume(widget._volume)
+    reference.replay(widget._session.log)
+    np.testing.assert_array_equal(reference.label_map, widget.labels_layer.data)
+
+
+def test_box_from_rectangle_depth_and_errors() -> None:
+    volume = Volume(np.zeros((64, 56, 40), np.float32), np.diag([1.2, 0.9, 2.5, 1.0]))
+    rectangle = np.array([[10, 20, 15], [10, 40, 15], [30, 40, 15], [30, 20, 15]], float)
+    lo, hi = box_from_rectangle(rectangle, volume)  # as deep as its longer side: 24 mm
+    np.testing.assert_allclose(lo, (10, 20, 15 - 24 / 2.5 / 2))
+    np.testing.assert_allclose(hi, (30, 40, 15 + 24 / 2.5 / 2))
+    lo, hi = box_from_rectangle(rectangle, volume, depth_mm=200)  # clipped to the volume
+    assert lo[2] == 0 and hi[2] == 39
+    with pytest.raises(PromptError, match="rectangle dragged on one slice"):
+        box_from_rectangle(rectangle + np.arange(12).reshape(4, 3), volume)
+    with pytest.raises(PromptError, match="no area inside the image"):
+        box_from_rectangle(rectangle + (100, 0, 0), volume)
 
 
 def test_undo_redo_and_two_objects(started, qtbot):
