@@ -6,8 +6,12 @@ Slicer; read that module for the IJK (k, j, i) <-> (i, j, k) transposes.
 
 Use: pick the volume and a segmentation, enter the server URL (and token) or tick "Local", press
 "Start". Place points with the "+" or "-" tool in any slice view; each point re-segments the
-current object, written into its segment ("FastSAM3D 1", "FastSAM3D 2", ...). "New object" starts
-the next segment; "Undo" reverts the last point (the model's history, then the segment follows);
+current object, written into its segment ("FastSAM3D 1", "FastSAM3D 2", ...). "Box" draws a
+markups ROI ("FastSAM3D box": click two opposite corners in a slice view; its depth through the
+slice is its shorter side) and sends it as soon as the second corner is placed, with no "send"
+button (as SlicerNNInteractive does); dragging its handles afterwards sends it again. A box
+replaces the current object's earlier prompts; later points refine it. "New object" starts the
+next segment; "Undo" reverts the last prompt (the model's history, then the segment follows);
 "Reset object" clears the current one. Writes are also saved in the Segment Editor's undo stack
 when the Segment Editor is showing the same segmentation.
 """
@@ -30,6 +34,7 @@ from slicer.ScriptedLoadableModule import (
 )
 
 SEGMENT_PREFIX = "FastSAM3D"
+BOX_NAME = f"{SEGMENT_PREFIX} box"
 
 
 class FastSAM3D(ScriptedLoadableModule):
@@ -46,7 +51,7 @@ class FastSAM3D(ScriptedLoadableModule):
 
 
 class FastSAM3DWidget(ScriptedLoadableModuleWidget):
-    """Connection settings, volume/segmentation selectors, point tools and history buttons."""
+    """Connection settings, volume/segmentation selectors, point and box tools, history buttons."""
 
     def setup(self):
         super().setup()
@@ -73,6 +78,8 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
         self.startButton = qt.QPushButton("Start")
         self.positiveButton = qt.QPushButton("+ point")
         self.negativeButton = qt.QPushButton("- point")
+        self.boxButton = qt.QPushButton("Box")
+        self.boxButton.setToolTip("Click two opposite corners in a slice view; sent when placed")
         self.newObjectButton = qt.QPushButton("New object")
         self.undoButton = qt.QPushButton("Undo")
         self.resetButton = qt.QPushButton("Reset object")
@@ -80,6 +87,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
         for button in (
             self.positiveButton,
             self.negativeButton,
+            self.boxButton,
             self.newObjectButton,
             self.undoButton,
             self.resetButton,
@@ -94,6 +102,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
         self.startButton.connect("clicked()", self.onStart)
         self.positiveButton.connect("clicked()", lambda: self.placePoint(True))
         self.negativeButton.connect("clicked()", lambda: self.placePoint(False))
+        self.boxButton.connect("clicked()", lambda: self.place(self.logic.boxNode()))
         self.newObjectButton.connect("clicked()", lambda: self.run(self.logic.newObject))
         self.undoButton.connect("clicked()", lambda: self.run(self.logic.undo))
         self.resetButton.connect("clicked()", lambda: self.run(self.logic.reset))
@@ -127,8 +136,11 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
 
     def placePoint(self, positive):
         """Arm Slicer's point placement on the + or - markups list."""
-        points = self.logic.pointList(positive)
-        slicer.modules.markups.logic().SetActiveListID(points)
+        self.place(self.logic.pointList(positive))
+
+    def place(self, node):
+        """Make ``node`` the active markups node and arm Slicer's Place mode for it."""
+        slicer.modules.markups.logic().SetActiveListID(node)  # takes the node, not its ID
         interaction = slicer.app.applicationLogic().GetInteractionNode()
         interaction.SetCurrentInteractionMode(interaction.Place)
 
@@ -144,6 +156,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self.core = None
         self.volumeNode = self.segmentationNode = None
         self.lists = {}
+        self.box = self.sentBox = None
 
     def start(self, volumeNode, segmentationNode, url=None, token=None):
         """Open a session on ``volumeNode`` (remote at ``url``, or local when url is None)."""
@@ -169,7 +182,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
                 lambda caller, _event, p=positive: self.onPointPlaced(caller, p),
             )
             self.lists[positive] = node
-        return self.lists[positive].GetID()
+        return self.lists[positive]
 
     def onPointPlaced(self, node, positive):
         if self.core is None:
@@ -180,6 +193,43 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         try:
             with slicer.util.WaitCursor():
                 self.writeSegment(self.core.add_point(ras, positive))
+        except Exception as err:  # noqa: BLE001 - an observer must not raise into Slicer
+            slicer.util.errorDisplay(f"FastSAM3D: {err}")
+
+    def boxNode(self):
+        """A fresh ROI for the next box, replacing the previous one (a finished box ROI keeps one
+        centre point and takes no new corners), observed for placement and handle drags."""
+        if self.box is not None and self.box.GetScene() is not None:
+            slicer.mrmlScene.RemoveNode(self.box)
+        self.box = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", BOX_NAME)
+        self.sentBox = None
+        for event in (
+            slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,  # a corner was placed
+            slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent,  # a handle drag ended
+        ):
+            self.box.AddObserver(event, lambda caller, _event: self.onBoxChanged(caller))
+        return self.box
+
+    def onBoxChanged(self, roi):
+        """Send the ROI as a box once it spans a volume (the first corner alone has size 0), and
+        again only when its geometry changed (one edit can raise both observed events)."""
+        size = roi.GetSize()
+        if min(size) <= 0:
+            return
+        if self.core is None:
+            slicer.util.errorDisplay("press Start first")
+            return
+        center = [0.0, 0.0, 0.0]
+        roi.GetCenterWorld(center)
+        # Columns: the ROI's axes in world RAS, scaled by any parent transform, as is Size.
+        orientation = slicer.util.arrayFromVTKMatrix(roi.GetObjectToWorldMatrix())
+        box = (tuple(center), tuple(size), tuple(orientation.ravel()))
+        if box == self.sentBox:
+            return
+        self.sentBox = box
+        try:
+            with slicer.util.WaitCursor():
+                self.writeSegment(self.core.add_box(center, size, orientation))
         except Exception as err:  # noqa: BLE001 - an observer must not raise into Slicer
             slicer.util.errorDisplay(f"FastSAM3D: {err}")
 
@@ -238,6 +288,7 @@ class FastSAM3DTest(ScriptedLoadableModuleTest):
     def runTest(self):
         slicer.mrmlScene.Clear()
         self.test_transpose_round_trip()
+        self.test_roi_box_matches_slicer_bounds()
 
     def test_transpose_round_trip(self):
         import numpy as np
@@ -255,3 +306,25 @@ class FastSAM3DTest(ScriptedLoadableModuleTest):
         assert np.allclose(np.linalg.norm(affine[:3, :3], axis=0), [0.5, 0.7, 2.0])
         assert np.array_equal(to_slicer(array_ijk), kji)
         self.delayDisplay("FastSAM3D transpose round trip passed")
+
+    def test_roi_box_matches_slicer_bounds(self):
+        """roi_box fed as onBoxChanged feeds it equals the ROI's own world RAS bounds."""
+        import numpy as np
+        import vtk
+        from FastSAM3DLib.logic import roi_box
+
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+        objectToNode = vtk.vtkTransform()
+        objectToNode.Translate(10.0, -20.0, 30.0)
+        objectToNode.RotateZ(30.0)
+        roi.GetObjectToNodeMatrix().DeepCopy(objectToNode.GetMatrix())
+        roi.SetSize(40.0, 20.0, 10.0)
+        center, bounds = [0.0, 0.0, 0.0], [0.0] * 6
+        roi.GetCenterWorld(center)
+        roi.GetRASBounds(bounds)
+        orientation = slicer.util.arrayFromVTKMatrix(roi.GetObjectToWorldMatrix())
+        big = np.diag([1.0, 1.0, 1.0, 1.0])
+        big[:3, 3] = -500.0
+        lo, hi = roi_box(center, roi.GetSize(), orientation, big, (1001, 1001, 1001))
+        assert np.allclose(lo, bounds[0::2]) and np.allclose(hi, bounds[1::2]), (lo, hi, bounds)
+        self.delayDisplay("FastSAM3D ROI box passed")

@@ -7,6 +7,9 @@ Slicer's IJK is the same index grid (i fastest in memory), and Slicer's world fr
 
 * volume in:  ``array_ijk = array_kji.transpose(2, 1, 0)``, ``affine = IJK-to-RAS`` (as is);
 * clicks in:  markup control points are world RAS mm, sent with ``coords="ras"``;
+* boxes in:   a markups ROI (center, size, orientation in world RAS) becomes the RAS-aligned box
+  around it (:func:`roi_box`), also sent with ``coords="ras"``: fastsam3d's box prompt is
+  axis-aligned in RAS (the model sees RAS-aligned crops), not in the volume's voxel grid;
 * labels out: ``labels_kji = label_map.transpose(2, 1, 0)``, on the volume node's own IJK grid,
   ready for ``slicer.util.updateSegmentBinaryLabelmapFromArray(mask_kji, segmentation, segment_id,
   volume_node)``.
@@ -24,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 def volume_from_slicer(
@@ -37,6 +41,42 @@ def volume_from_slicer(
     if affine.shape != (4, 4):
         raise ValueError(f"IJK-to-RAS must be 4 x 4, got shape {affine.shape}")
     return array_kji.transpose(2, 1, 0), affine
+
+
+def roi_box(
+    center_ras: ArrayLike,
+    size: ArrayLike,
+    roi_to_ras: ArrayLike,
+    ijk_to_ras: ArrayLike,
+    shape_ijk: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The box prompt (RAS corners ``lo``, ``hi``) for a markups ROI on a volume.
+
+    The ROI spans ``size`` along the columns of ``roi_to_ras`` (3 x 3 or 4 x 4; unit columns:
+    ``size`` in mm) around ``center_ras``. fastsam3d boxes are RAS-aligned (``Session.add_box``
+    takes the RAS min / max of two corners), so the exact box for a rotated ROI or an oblique
+    volume is the RAS bounding box of the ROI's 8 corners (voxel corners would turn into a
+    different RAS box on an oblique grid). The box is clipped to the volume's RAS bounds, and its
+    two corners must then lie on the voxel grid (the backend checks them): only an oblique
+    volume can fail that, near its edges, with a ``ValueError`` saying so.
+    """
+    half = np.asarray(roi_to_ras, float)[:3, :3] * (np.asarray(size, float) / 2)
+    center, extent = np.asarray(center_ras, float), np.abs(half).sum(axis=1)
+    affine = np.asarray(ijk_to_ras, float)
+    half_grid = (np.asarray(shape_ijk[:3], float) - 1) / 2  # voxel centres 0 .. n - 1
+    grid_center = affine[:3, :3] @ half_grid + affine[:3, 3]
+    grid_extent = np.abs(affine[:3, :3]) @ half_grid
+    lo = np.maximum(center - extent, grid_center - grid_extent)
+    hi = np.minimum(center + extent, grid_center + grid_extent)
+    if np.any(hi < lo):
+        raise ValueError("the box does not overlap the volume: draw it over the image")
+    voxel = np.linalg.solve(affine[:3, :3], np.stack([lo, hi]).T - affine[:3, 3:4]).T
+    if np.any(voxel < -0.5) or np.any(voxel >= np.asarray(shape_ijk[:3]) - 0.5):
+        raise ValueError(
+            "a corner of the box (RAS-aligned around the ROI) lies outside this oblique "
+            "volume: draw the box further inside the image"
+        )
+    return lo, hi
 
 
 def to_slicer(array_ijk: np.ndarray) -> np.ndarray:
@@ -77,6 +117,7 @@ class FastSAM3DLogicCore:
 
     def __init__(self, backend: Any):
         self.backend = backend
+        self._grid: tuple[np.ndarray, tuple[int, ...]] | None = None  # IJK-to-RAS, (I, J, K)
 
     def set_volume(self, array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> None:
         """Start segmenting a Slicer volume (array from ``arrayFromVolume``, its IJK-to-RAS)."""
@@ -84,12 +125,28 @@ class FastSAM3DLogicCore:
 
         array_ijk, affine = volume_from_slicer(array_kji, ijk_to_ras)
         self.backend.set_volume(Volume(np.ascontiguousarray(array_ijk), affine))
+        self._grid = (affine, array_ijk.shape)
 
     def add_point(self, ras, positive: bool = True, object_id: int | None = None) -> int:
         """A click at world RAS mm (a markup control point); returns the object it changed."""
         return self.backend.add_point(
             np.asarray(ras, float), positive, object_id, coords="ras"
         ).object_id
+
+    def add_box(
+        self,
+        center_ras: ArrayLike,
+        size: ArrayLike,
+        roi_to_ras: ArrayLike,
+        object_id: int | None = None,
+    ) -> int:
+        """A markups ROI in world RAS (center, size along its axes, ROI-to-RAS orientation) as
+        a box prompt (:func:`roi_box`); returns the object it changed. The box replaces that
+        object's earlier prompts; a model trained without boxes raises ``PromptError``."""
+        if self._grid is None:
+            raise ValueError("no volume: press Start first")
+        lo, hi = roi_box(center_ras, size, roi_to_ras, *self._grid)
+        return self.backend.add_box(lo, hi, object_id, coords="ras").object_id
 
     def undo(self) -> bool:
         """Undo the last interaction; False if there was nothing to undo."""
