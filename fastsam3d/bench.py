@@ -156,6 +156,7 @@ def default_variants(device: torch.device) -> list[Variant]:
         Variant("fp32-eager", click_threads=None),
         Variant("fp32-1thread-click"),
         Variant("int8-1thread-click", quantize="int8"),
+        Variant("bf16-1thread-click", dtype="bf16"),
     ]
 
 

@@ -9,6 +9,7 @@ objects. Torch only: no file I/O beyond the checkpoint, no geometry.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Hashable, Iterator
 from pathlib import Path
@@ -46,7 +47,11 @@ class Predictor:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
         cache_size: how many crop embeddings to keep.
         dtype: ``"fp32"`` or ``"bf16"`` (autocast: matrix products in bfloat16, norms and
-            softmax in float32; outputs are float32 either way).
+            softmax in float32; outputs are float32 either way). On the CPU the predictor then
+            holds a copy of the model with its Linear and convolution weights stored in
+            bfloat16 (:func:`bf16_matrix_weights`): autocast would cast every weight again on
+            every call, which made the path slower than float32. Fast where the CPU has
+            bfloat16 matrix units (AMX, AVX512-BF16); elsewhere bfloat16 is emulated.
         compile: None (eager), ``"cudagraphs"`` (CUDA only: encoder and click captured once per
             prompt shape and replayed, which removes the kernel-launch and host overhead that
             dominates a 128^3 click on a GPU), ``"inductor"`` (``torch.compile``; mode
@@ -94,6 +99,8 @@ class Predictor:
             m = self.model
             encoder = quantize_linear_int8(m.image_encoder)
             self.model = Sam3D(encoder, m.prompt_encoder, m.mask_decoder, m.config).eval()
+        if dtype == "bf16" and self.device.type == "cpu":
+            self.model = bf16_matrix_weights(self.model)
         self.dtype = dtype
         self.compile = compile
         if click_threads == "auto":
@@ -327,6 +334,21 @@ def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
         warnings.simplefilter("ignore")
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def bf16_matrix_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose Linear and convolution weights and biases are bfloat16.
+
+    Norms, embeddings and buffers stay float32. Under autocast every matrix product casts its
+    weight to bfloat16 anyway, so the arithmetic is autocast's, minus one cast per weight and
+    call; half the bytes are read per click. The caller's model is left as it was.
+    """
+    model = copy.deepcopy(model)
+    kinds = (torch.nn.Linear, torch.nn.Conv3d, torch.nn.ConvTranspose3d)
+    for module in model.modules():
+        if isinstance(module, kinds):
+            module.to(torch.bfloat16)
+    return model
 
 
 UNTRAINED = "untrained"

@@ -69,6 +69,19 @@ def test_int8_leaves_the_callers_model_float():
     assert pred.model.image_encoder is not model.image_encoder
 
 
+def test_cpu_bf16_stores_matrix_weights_in_a_copy():
+    """On the CPU, bf16 keeps Linear and convolution weights in bfloat16 (no per-call casts),
+    norms in float32, and leaves the caller's model float32."""
+    model = _small_model()
+    pred = Predictor(model, "cpu", dtype="bf16")
+    block = pred.model.image_encoder.blocks[0]
+    assert block.mlp.lin1.weight.dtype == torch.bfloat16
+    assert pred.model.image_encoder.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert pred.model.mask_decoder.output_upscaling[0].weight.dtype == torch.bfloat16
+    assert block.norm2.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 @pytest.mark.parametrize(("torch_threads", "expected"), [(1, 1), (2, 1), (4, 3), (8, 7)])
 def test_click_threads_leave_one_core_free(torch_threads, expected):
     """The default click runs on one thread fewer than torch's (the GUI and other processes

@@ -23,11 +23,12 @@ BLOCK_KINDS = ("mlp", "global", "window", "official_sparse", "grid", "block")
 class PatchEmbed3D(nn.Module):
     """Non-overlapping patches -> tokens: (B, C_in, D, H, W) -> (B, D/p, H/p, W/p, C).
 
-    The weights are a ``Conv3d`` (official key ``proj``). On a GPU the patches go through one
-    matrix product instead (:meth:`matmul_forward`, the same linear map): cuDNN's 3D kernels
-    for a 16^3 kernel took 1.3 ms (fp32) / 0.6 ms (bf16) of a ~3.7 / 1.5 ms encoder on an H100
-    (benchmarks/NOTES.md). The CPU keeps the convolution, whose summation order the official
-    fp16-rounded parity fixtures were made with.
+    The weights are a ``Conv3d`` (official key ``proj``). On a GPU, and under CPU autocast, the
+    patches go through one matrix product instead (:meth:`matmul_forward`, the same linear
+    map): cuDNN's 3D kernels for a 16^3 kernel took 1.3 ms (fp32) / 0.6 ms (bf16) of a ~3.7 /
+    1.5 ms encoder on an H100, and oneDNN's bfloat16 convolution 24 ms of a 62 ms CPU encoder
+    (benchmarks/NOTES.md). The float32 CPU path keeps the convolution, whose summation order the
+    official fp16-rounded parity fixtures were made with.
     """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
@@ -35,7 +36,7 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if x.is_cuda or torch.is_autocast_enabled(x.device.type):
             return self.matmul_forward(x)
         return self.proj(x).permute(0, 2, 3, 4, 1)
 
