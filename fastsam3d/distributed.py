@@ -28,8 +28,8 @@ class SessionPlugin(WorkerPlugin):
 
     name = PLUGIN_NAME
 
-    def __init__(self, model: str, device: str):
-        self.model, self.device = model, device
+    def __init__(self, model: str, device: str, dtype: str = "fp32"):
+        self.model, self.device, self.dtype = model, device, dtype
         self.session = None
         self.error = ""
         self.lock = threading.Lock()
@@ -38,15 +38,15 @@ class SessionPlugin(WorkerPlugin):
         from fastsam3d.session import Session
 
         try:
-            self.session = Session(model=self.model, device=self.device)
+            self.session = Session(model=self.model, device=self.device, dtype=self.dtype)
         except FastSAM3DError as err:
             self.error = str(err)
 
     def __getstate__(self) -> dict:  # the lock and the session never travel
-        return {"model": self.model, "device": self.device}
+        return {"model": self.model, "device": self.device, "dtype": self.dtype}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model"], state["device"])
+        self.__init__(state["model"], state["device"], state["dtype"])
 
 
 def segment_on_worker(case: Case, overwrite: bool) -> CaseResult:
@@ -73,6 +73,7 @@ def run_batch_dask(
     device: str,
     scheduler: str = "local",
     *,
+    dtype: str = "fp32",
     overwrite: bool = False,
     resume: bool = False,
     workers: int = 1,
@@ -83,6 +84,7 @@ def run_batch_dask(
         plan: the cases (see :func:`fastsam3d.batch.plan_batch`).
         model: ``"default"`` or a checkpoint path (loaded on every worker).
         device: device on the workers.
+        dtype: ``"fp32"`` or ``"bf16"`` (see :class:`~fastsam3d.predictor.Predictor`).
         scheduler: ``"local"`` starts a ``LocalCluster`` of ``workers`` workers (one thread each;
             a single worker runs in this process); anything else is a scheduler address.
         overwrite, resume: as :func:`fastsam3d.batch.run_batch`.
@@ -91,7 +93,7 @@ def run_batch_dask(
 
     if model != "default":
         model = str(Path(model).expanduser().absolute())
-    load_predictor(model, "cpu")  # a missing or broken model fails here, once, before any worker
+    load_predictor(model, "cpu", dtype=dtype)  # a bad model fails here, once, not per worker
     todo, done = resumed_results(plan, resume)
     yield from done
     if not todo:
@@ -109,7 +111,7 @@ def run_batch_dask(
     else:
         client = Client(scheduler)
     try:
-        client.register_plugin(SessionPlugin(model, device), name=PLUGIN_NAME)
+        client.register_plugin(SessionPlugin(model, device, dtype), name=PLUGIN_NAME)
         futures = [client.submit(segment_on_worker, case, overwrite, pure=False) for case in todo]
         for future in as_completed(futures):
             yield future.result()

@@ -341,10 +341,13 @@ def bf16_matrix_weights(model: torch.nn.Module) -> torch.nn.Module:
 
     Norms, embeddings and buffers stay float32. Under autocast every matrix product casts its
     weight to bfloat16 anyway, so the arithmetic is autocast's, minus one cast per weight and
-    call; half the bytes are read per click. The caller's model is left as it was.
+    call; half the bytes are read per click. The caller's model is left as it was; a model
+    already converted is returned as is (``Predictor.share`` keeps one copy of the weights).
     """
-    model = copy.deepcopy(model)
     kinds = (torch.nn.Linear, torch.nn.Conv3d, torch.nn.ConvTranspose3d)
+    if all(m.weight.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, kinds)):
+        return model
+    model = copy.deepcopy(model)
     for module in model.modules():
         if isinstance(module, kinds):
             module.to(torch.bfloat16)
@@ -406,6 +409,8 @@ def _onnx_predictor(folder: Path, device: str, options: dict[str, Any]):
         )
     if device not in ("auto", "cpu"):
         raise CheckpointError(f"{folder}: the onnxruntime backend runs on the CPU, not {device!r}")
+    if options.pop("dtype", "fp32") != "fp32":
+        raise CheckpointError(f"{folder}: the onnxruntime backend computes in float32 only")
     unsupported = sorted(set(options) - {"cache_size"})
     if unsupported:
         raise ValueError(f"the onnxruntime backend has no {', '.join(unsupported)} option")

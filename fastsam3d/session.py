@@ -163,6 +163,8 @@ class Session:
             ``fastsam3d export-onnx`` (runs on onnxruntime, CPU), a built model, a
             :class:`~fastsam3d.predictor.Predictor` or an :class:`~fastsam3d.export.OnnxPredictor`.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        dtype: ``"fp32"`` (the reference) or ``"bf16"`` for a model loaded here (see
+            :class:`~fastsam3d.predictor.Predictor`; masks Dice >= 0.99 against float32).
         protect: never overwrite voxels of other objects.
         click_history: ``"all"`` clicks of the object inside the tile, or only the ``"last"``.
         max_new_tiles: how many neighbouring tiles one interaction may grow into (policy step
@@ -179,6 +181,7 @@ class Session:
         model: str | Path | torch.nn.Module | Predictor | OnnxPredictor = "default",
         device: str = "auto",
         *,
+        dtype: str = "fp32",
         protect: bool = True,
         click_history: str = "all",
         max_new_tiles: int = 0,
@@ -187,7 +190,7 @@ class Session:
         if isinstance(model, Predictor | OnnxPredictor):
             self.predictor, self.model_name = model, "predictor"
         else:
-            self.predictor, self.model_name = load_predictor(model, device)
+            self.predictor, self.model_name = load_predictor(model, device, dtype=dtype)
         if click_history not in ("all", "last"):
             raise ValueError("click_history must be 'all' or 'last'")
         self.protect = protect

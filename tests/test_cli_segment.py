@@ -88,6 +88,14 @@ def test_readme_command_segments_the_sample_liver_with_the_bundled_model(tmp_pat
     liver = load_sample()[1] == 5
     dice = 2 * (mask & liver).sum() / (mask.sum() + liver.sum())
     assert dice > 0.6, dice  # 0.724 measured when v5 was shipped
+    # --dtype bf16 (bfloat16 matrix products): the same liver within the fast paths' bound
+    bf16 = tmp_path / "liver_bf16.nii.gz"
+    run = run_cli("segment", "sample", "-o", bf16, "--point", "92,51,100", "--dtype", "bf16",
+                  "--json")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["dtype"] == "bf16"
+    other = load_volume(bf16).array > 0
+    assert 2 * (mask & other).sum() / (mask.sum() + other.sum()) >= 0.99  # 0.9988 measured
     # a box around the liver (its reference bounding box), then the same click
     run = run_cli(
         "segment", "sample", "-o", out, "--box", "37,25,69,104,86,111", "--point", "92,51,100",

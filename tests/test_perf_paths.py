@@ -80,6 +80,11 @@ def test_cpu_bf16_stores_matrix_weights_in_a_copy():
     assert pred.model.mask_decoder.output_upscaling[0].weight.dtype == torch.bfloat16
     assert block.norm2.weight.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert pred.share().model is pred.model  # the server's sessions share one bf16 copy
+    from fastsam3d.server.app import session_factory
+
+    make, base, _ = session_factory(model, "cpu", "bf16")
+    assert base.dtype == "bf16" and make().predictor.model is base.model
 
 
 @pytest.mark.parametrize(("torch_threads", "expected"), [(1, 1), (2, 1), (4, 3), (8, 7)])
@@ -210,6 +215,8 @@ def test_session_runs_on_the_onnx_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="without encoder.onnx"):
         Session(tmp_path / "empty", device="cpu")
+    with pytest.raises(CheckpointError, match="float32 only"):
+        Session(tmp_path / "onnx", device="cpu", dtype="bf16")
     # the server's factory: sessions share the onnxruntime sessions, each with its own cache
     from fastsam3d.server.app import session_factory
 

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -21,6 +21,16 @@ console = Console(stderr=True)
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+
+#: ``--dtype`` of the commands that run the model (the choices of ``Predictor(dtype=...)``;
+#: spelled out here so that the CLI starts without importing torch)
+DtypeOption = Annotated[
+    Literal["fp32", "bf16"],
+    typer.Option(
+        help="fp32 (the reference) or bf16: matrix products in bfloat16, about 2x faster image "
+        "encoder on CPUs with AMX or AVX512-BF16 and on GPUs; masks Dice >= 0.99 against fp32.",
+    ),
+]
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fastsam3d.cli import app
-from fastsam3d.cli._common import console, print_json, setup_logging, user_errors
+from fastsam3d.cli._common import DtypeOption, console, print_json, setup_logging, user_errors
 from fastsam3d.errors import PromptError, VolumeError
 
 REPORT_STEPS = (1, 3, 5, 10)
@@ -63,6 +63,7 @@ def evaluate(
         str, typer.Option(help="'default', a checkpoint path or an export-onnx folder.")
     ] = "default",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: DtypeOption = "fp32",
     seed: Annotated[int, typer.Option(help="Seed of the simulated clicks.")] = 2023,
     tolerance: Annotated[float, typer.Option(help="Surface Dice tolerance in mm.")] = 2.0,
     baseline: Annotated[bool, typer.Option(help="Run the region-growing baseline too.")] = True,
@@ -113,7 +114,7 @@ def evaluate(
         if max_tiles is not None and max_tiles < 0:
             raise PromptError("--max-tiles must be 0 or more")
         tiles = {} if max_tiles is None else {"max_new_tiles": max_tiles}
-        session = make_session(model, device, **tiles)
+        session = make_session(model, device, dtype=dtype, **tiles)
         rows = []
         progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -27,6 +27,7 @@ from fastsam3d.cli import app
 from fastsam3d.cli._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    DtypeOption,
     console,
     print_json,
     setup_logging,
@@ -119,6 +120,7 @@ def segment(
         ),
     ] = "default",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: DtypeOption = "fp32",
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     resume: Annotated[bool, typer.Option(help="Batch: skip cases whose output exists.")] = False,
     suffix: Annotated[str, typer.Option(help="Batch: output file extension.")] = ".nii.gz",
@@ -151,6 +153,7 @@ def segment(
                 prompts,
                 model=model,
                 device=device,
+                dtype=dtype,
                 overwrite=overwrite,
                 resume=resume,
                 suffix=suffix,
@@ -167,7 +170,7 @@ def segment(
                 "no prompts: give at least one --point X,Y,Z, --box X0,Y0,Z0,X1,Y1,Z1 "
                 "or --prompts FILE"
             )
-        _run_single(input, output, single, model, device, overwrite, json_output, quiet)
+        _run_single(input, output, single, model, device, dtype, overwrite, json_output, quiet)
 
 
 def _run_single(
@@ -176,6 +179,7 @@ def _run_single(
     prompts: CasePrompts,
     model: str,
     device: str,
+    dtype: str,
     overwrite: bool,
     json_output: bool,
     quiet: bool,
@@ -186,19 +190,18 @@ def _run_single(
         raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
     volume = load_input(input)
     prompts.check(volume)
-    session = make_session(model, device)
+    session = make_session(model, device, dtype=dtype)
     result = segment_volume(
         session, volume, prompts, output, overwrite, name=case_name(Path(input))
     )
+    where = {"model": session.model_name, "device": str(session.predictor.device), "dtype": dtype}
     if json_output:
-        print_json(
-            {**asdict(result), "model": session.model_name, "device": str(session.predictor.device)}
-        )
+        print_json({**asdict(result), **where})
     elif not quiet:
         console.print(
             f"wrote [bold]{result.output}[/bold]: {result.objects} object(s), {result.voxels:,} "
             f"voxels, {result.volume_ml:.1f} ml in {result.seconds:.2f} s "
-            f"({session.model_name} on {session.predictor.device})",
+            f"({where['model']} on {where['device']}, {dtype})",
             highlight=False,
         )
 
@@ -211,6 +214,7 @@ def _run_batch(
     *,
     model: str,
     device: str,
+    dtype: str,
     overwrite: bool,
     resume: bool,
     suffix: str,
@@ -248,7 +252,7 @@ def _run_batch(
         progress.update(task, description=f"[bold]{case.name}[/bold]")
 
     if dask is None:
-        session = make_session(model, device)
+        session = make_session(model, device, dtype=dtype)
         results_iter = run_batch(
             session, plan, overwrite=overwrite, resume=resume, on_start=on_start
         )
@@ -261,7 +265,14 @@ def _run_batch(
             ) from None
 
         results_iter = run_batch_dask(
-            plan, model, device, dask, overwrite=overwrite, resume=resume, workers=workers
+            plan,
+            model,
+            device,
+            dask,
+            dtype=dtype,
+            overwrite=overwrite,
+            resume=resume,
+            workers=workers,
         )
     results: list[CaseResult] = []
     interrupted = False

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from fastsam3d.cli import app
-from fastsam3d.cli._common import console, user_errors
+from fastsam3d.cli._common import DtypeOption, console, user_errors
 
 
 @app.command()
@@ -28,6 +28,7 @@ def serve(
         str, typer.Option(help="'default' (bundled weights) or a checkpoint file.")
     ] = "default",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    dtype: DtypeOption = "fp32",
     nninteractive_compat: Annotated[
         bool,
         typer.Option(
@@ -60,6 +61,7 @@ def serve(
         application = create_app(
             checkpoint,
             device=device,
+            dtype=dtype,
             token=token,
             max_upload_mb=max_upload_mb,
             max_voxels=max_voxels,

@@ -61,11 +61,11 @@ def status_of(err: FastSAM3DError) -> int:
 
 
 def session_factory(
-    model: str | Path | torch.nn.Module, device: str
+    model: str | Path | torch.nn.Module, device: str, dtype: str = "fp32"
 ) -> tuple[Callable[[], Session], Predictor | OnnxPredictor, str]:
     """Load the model once; return a factory of sessions sharing its weights (each session
     has its own embedding cache), the loaded predictor and the model's display name."""
-    base, name = load_predictor(model, device)
+    base, name = load_predictor(model, device, dtype=dtype)
 
     def make() -> Session:
         session = Session(base.share())
@@ -154,6 +154,7 @@ def create_app(
     model: str | Path | torch.nn.Module = "default",
     *,
     device: str = "auto",
+    dtype: str = "fp32",
     token: str | None = None,
     max_upload_mb: float = 512,
     max_voxels: int = 512**3,
@@ -166,6 +167,7 @@ def create_app(
     Args:
         model: ``"default"``, a checkpoint path or a built model; loaded once, shared by sessions.
         device: where the model runs (``"auto"``, ``"cpu"``, ``"cuda"``).
+        dtype: ``"fp32"`` or ``"bf16"`` (see :class:`~fastsam3d.predictor.Predictor`).
         token: if set, every request needs ``Authorization: Bearer <token>``.
         max_upload_mb: largest request body (413 beyond).
         max_voxels: largest volume (413 beyond).
@@ -173,7 +175,7 @@ def create_app(
         idle_timeout: seconds after which an untouched session is dropped (0 = never).
         nninteractive_compat: also serve nnInteractive's remote protocol at the root paths.
     """
-    make_session, base, model_name = session_factory(model, device)
+    make_session, base, model_name = session_factory(model, device, dtype)
     store: SessionStore[Session] = SessionStore(max_sessions, idle_timeout)
     max_upload = int(max_upload_mb * 2**20)
     stores = [store]
