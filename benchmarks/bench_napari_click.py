@@ -66,7 +66,7 @@ def main() -> None:
 
     viewer = napari.Viewer(show=True)
     (image,) = viewer.open(str(sample_path()), plugin="fastsam3d")
-    widget = FastSAM3DWidget(viewer, session_factory=lambda model, device: make_session())
+    widget = FastSAM3DWidget(viewer, session_factory=lambda model, device, dtype: make_session())
     viewer.window.add_dock_widget(widget)
     widget._autosave.value = False
 

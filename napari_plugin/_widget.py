@@ -69,7 +69,7 @@ from napari_plugin._layers import (
 log = logging.getLogger(__name__)
 
 #: builds the session for (model, device); model is "default" or a checkpoint path
-SessionFactory = Callable[[str, str], Session]
+SessionFactory = Callable[[str, str, str], Session]
 
 DEFAULT_MODEL = "bundled default"
 CHECKPOINT = "checkpoint file"
@@ -162,8 +162,8 @@ def _devices() -> list[str]:
     return out
 
 
-def _default_factory(model: str, device: str) -> Session:
-    return Session(model, device=device)
+def _default_factory(model: str, device: str, dtype: str) -> Session:
+    return Session(model, device=device, dtype=dtype)
 
 
 class FastSAM3DWidget(Container):
@@ -171,9 +171,9 @@ class FastSAM3DWidget(Container):
 
     Args:
         napari_viewer: the viewer (injected by napari).
-        session_factory: builds the :class:`Session` for ``(model, device)`` on the worker
-            thread at Start (also settable as the ``session_factory`` attribute, e.g. to wrap a
-            built model in tests). Default: ``Session(model, device=device)``.
+        session_factory: builds the :class:`Session` for ``(model, device, dtype)`` on the
+            worker thread at Start (also settable as the ``session_factory`` attribute, e.g. to
+            wrap a built model in tests). Default: ``Session(model, device=device, dtype=dtype)``.
     """
 
     def __init__(self, napari_viewer, session_factory: SessionFactory | None = None) -> None:
@@ -181,7 +181,7 @@ class FastSAM3DWidget(Container):
         self.viewer = napari_viewer
         self.session_factory = session_factory or _default_factory
         self._session: Session | None = None  # touched only on the worker thread
-        self._session_key: tuple[str, str] | None = None
+        self._session_key: tuple[str, str, str] | None = None
         self._image: Image | None = None
         self._volume: Volume | None = None
         self.labels_layer: Labels | None = None
@@ -205,6 +205,12 @@ class FastSAM3DWidget(Container):
             label="Checkpoint", mode="r", filter="*.safetensors *.pth *.pt", visible=False
         )
         self._device = ComboBox(label="Device", choices=_devices())
+        self._dtype = ComboBox(
+            label="Precision",
+            choices=[("float32", "fp32"), ("bfloat16", "bf16")],
+            tooltip="bfloat16: about 2x faster image encoding on CPUs with AMX or AVX512-BF16 "
+            "and on GPUs (masks Dice >= 0.99 against float32); slower where the CPU lacks them",
+        )
         self._start_btn = PushButton(text="Start segmenting")
         self._object_label = Label(label="Object", value="-")
         buttons = [
@@ -260,6 +266,7 @@ class FastSAM3DWidget(Container):
                 self._model_combo,
                 self._checkpoint,
                 self._device,
+                self._dtype,
                 self._start_btn,
                 self._object_label,
                 *rows,
@@ -337,6 +344,7 @@ class FastSAM3DWidget(Container):
             show_error(str(err))
             return
         device = str(self._device.value)
+        dtype = str(self._dtype.value)
         if self._autosave_path is not None and self._volume is not None:
             # the previous image's last state, even if an edit of the new one comes first
             self._submit(
@@ -389,14 +397,14 @@ class FastSAM3DWidget(Container):
         self._autosave_path = self._choose_autosave_path(volume) if self._autosave.value else None
         self._first_click = True
         self._status.value = "loading the model…"
-        self._submit(partial(self._open_session, model, device, volume), self._on_started)
+        self._submit(partial(self._open_session, (model, device, dtype), volume), self._on_started)
 
-    def _open_session(self, model: str, device: str, volume: Volume) -> _Result:
-        """Worker: build the session if model/device changed, then set the volume."""
-        if self._session is None or self._session_key != (model, device):
+    def _open_session(self, key: tuple[str, str, str], volume: Volume) -> _Result:
+        """Worker: build the session if (model, device, dtype) changed, then set the volume."""
+        if self._session is None or self._session_key != key:
             self._session, self._session_key = None, None
-            self._session = self.session_factory(model, device)
-            self._session_key = (model, device)
+            self._session = self.session_factory(*key)
+            self._session_key = key
         self._session.set_volume(volume)
         return self._snapshot(None)
 

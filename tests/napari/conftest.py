@@ -66,7 +66,7 @@ def make_session(small_model):
 @pytest.fixture
 def session_factory(make_session):
     """The widget's session factory with the small model injected (model choice ignored)."""
-    return lambda model, device: make_session()
+    return lambda model, device, dtype: make_session()
 
 
 def oblique_affine() -> np.ndarray:

@@ -334,3 +334,26 @@ def test_without_bundled_weights_the_checkpoint_is_the_choice(
     messages = [str(n.message) for n in notification_manager.records[seen:]]
     assert any("choose a checkpoint file" in m for m in messages), messages
     assert widget.prompts_layer is None
+
+
+def test_precision_choice_reaches_the_session(
+    make_napari_viewer, qtbot, oblique_nifti, choose_small_model
+):
+    """The Precision control builds the session with that dtype (the real default factory);
+    changing it and pressing Start again builds a new session."""
+    viewer = make_napari_viewer()
+    viewer.open(str(oblique_nifti), plugin="fastsam3d")
+    widget = FastSAM3DWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    choose_small_model(widget)
+    widget._device.value = "cpu"
+    widget._autosave.value = False
+    for dtype in ("bf16", "fp32"):
+        widget._dtype.value = dtype
+        widget.start()
+        _idle(qtbot, widget)
+        assert widget._session.predictor.dtype == dtype
+        widget.add_point((30, 28, 20))
+        _idle(qtbot, widget)
+        assert widget.labels_layer.data.any()
+    widget._worker.stop()
