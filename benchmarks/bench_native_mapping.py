@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument(
         "--model", action="append", help="session models: untrained (default), ball, a checkpoint"
     )
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="session models'")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +77,7 @@ def main() -> None:
         }
         print(json.dumps(row), flush=True)
     for model in args.model or ["untrained"]:
-        for row in bench_refine(model, args.repeats, args.case or tuple(REFINE_CASES)):
+        for row in bench_refine(model, args.repeats, args.case or tuple(REFINE_CASES), args.dtype):
             print(json.dumps(row), flush=True)
 
 

@@ -727,6 +727,7 @@ def bench_refine(
     model: str | torch.nn.Module = "untrained",
     repeats: int = 7,
     cases: Iterable[str] = tuple(REFINE_CASES),
+    dtype: str = "fp32",
 ) -> list[dict]:
     """Refinement clicks through the whole :class:`~fastsam3d.session.Session` path on the CPU.
 
@@ -735,7 +736,8 @@ def bench_refine(
     ``model``: as for :class:`~fastsam3d.session.Session` (an ``export-onnx`` folder runs the
     onnxruntime backend), or ``"ball"`` for
     :class:`BallPredictor` objects of ~1M voxels on the CT (a trained model's masks are local;
-    the untrained model's fill the tile, the worst case here). Variants:
+    the untrained model's fill the tile, the worst case here); ``dtype`` as for
+    :class:`~fastsam3d.predictor.Predictor` (not for ``"ball"``). Variants:
     :class:`ReferenceSession` (baseline), the session, and (real models) the session with the
     click path on torch's threads instead of one. Each timed refinement is a new negative click
     beside the first (the same sequence for every variant; history 2, so memory stays flat);
@@ -752,10 +754,10 @@ def bench_refine(
         pred, name = BallPredictor(build_model(), radius=9.0), "ball (BallPredictor, radius 9)"
         variants = [("reference", ReferenceSession, pred), ("session", Session, pred)]
     else:
-        pred, name = load_predictor(model, "cpu")
+        pred, name = load_predictor(model, "cpu", dtype=dtype)
         variants = [("reference", ReferenceSession, pred), ("session", Session, pred)]
         if isinstance(pred, Predictor):  # not for an export-onnx folder (onnxruntime)
-            threads = Predictor(pred.model, "cpu", click_threads=None)
+            threads = Predictor(pred.model, "cpu", dtype=dtype, click_threads=None)
             variants.append(("session-torch-threads", Session, threads))
     rows = []
     for case in cases:
@@ -786,7 +788,7 @@ def bench_refine(
                 "first_click_ms": first["median_ms"], "refine_click_ms": refine["median_ms"],
                 "refine_p90_ms": refine["p90_ms"], "model_ms": model_ms["median_ms"],
                 "mask_voxels": int((s.label_map > 0).sum()), "threads": torch.get_num_threads(),
-                "click_threads": getattr(p, "click_threads", None),
+                "click_threads": getattr(p, "click_threads", None), "dtype": dtype,
             }  # fmt: skip
             if base is None:
                 base, base_labels = row, s.label_map
