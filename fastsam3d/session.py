@@ -144,9 +144,14 @@ class _Object:
 
 @dataclass
 class _Step:
-    """One undoable interaction: label-map patch before/after and the object states around it."""
+    """One undoable interaction: the label-map voxels it changed and the object states around
+    it. Inside ``bbox`` the voxels at C-order flat positions ``index`` went from ``before`` to
+    ``after``; only changed voxels are kept: a refinement of a large organ changes ~0.5 % of
+    its box, so a step takes ~100 kB instead of two copies of the box (7 MB per click on a CT
+    liver, 250 MB for the 32 steps of undo history)."""
 
     bbox: tuple[slice, slice, slice]
+    index: np.ndarray
     before: np.ndarray
     after: np.ndarray
     objects_before: dict[int, _Object]
@@ -374,11 +379,12 @@ class Session:
         target.append(step)
         self.log.events.append(PromptEvent(op))
         forward = op == "redo"
-        patch = step.after if forward else step.before
+        patch = self.label_map[step.bbox].copy()
+        patch.reshape(-1)[step.index] = step.after if forward else step.before
         self.label_map[step.bbox] = patch
         self._objects = dict(step.objects_after if forward else step.objects_before)
         self.active_object = step.active_after if forward else step.active_before
-        return Edit(self.active_object, step.bbox, patch.copy())
+        return Edit(self.active_object, step.bbox, patch)
 
     # ------------------------------------------------------------------ replay
     def replay(self, log: PromptLog) -> list[Edit]:
@@ -611,14 +617,19 @@ class Session:
         active_before: int,
         t0: float,
     ) -> Edit:
-        """Push the undo step of a label-map write (``old`` -> ``new`` inside ``bbox``) and
-        return its :class:`Edit`."""
+        """Push the undo step of a label-map write (``old`` -> ``new`` inside ``bbox``, ``new``
+        handed over) and return its :class:`Edit`."""
+        index = np.flatnonzero(old != new)
+        if old.size < 2**31:
+            index = index.astype(np.int32)
+        after = dict(self._objects)
         self._undo.append(
-            _Step(bbox, old, new, before, dict(self._objects), active_before, self.active_object)
-        )
+            _Step(bbox, index, old.reshape(-1)[index], new.reshape(-1)[index], before, after,
+                  active_before, self.active_object)
+        )  # fmt: skip
         del self._undo[: -self.history]
         self._redo.clear()
-        return Edit(oid, bbox, new.copy(), time.perf_counter() - t0)
+        return Edit(oid, bbox, new, time.perf_counter() - t0)
 
     def _apply(
         self,

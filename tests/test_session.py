@@ -78,6 +78,30 @@ def test_undo_redo_restore_label_map_and_prompts(tiny_model):
     assert s.undo() is None  # nothing left
 
 
+def test_undo_keeps_only_the_changed_voxels(tiny_model):
+    """A step stores the voxels it changed, not two copies of its box; a long undo / redo
+    walk through two objects restores every label map exactly."""
+    s = Session(tiny_model, device="cpu")
+    s.set_volume(_volume())
+    maps = [s.label_map.copy()]
+    for point, positive, new in [((20, 20, 20), True, False), ((25, 25, 25), False, False),
+                                 ((12, 30, 14), True, True), ((22, 19, 21), True, False)]:  # fmt: skip
+        if new:
+            s.new_object()
+            maps.append(s.label_map.copy())
+        s.add_point(point, positive=positive)
+        maps.append(s.label_map.copy())
+        step = s._undo[-1]
+        changed = int((maps[-1] != maps[-2]).sum())
+        assert len(step.index) == len(step.before) == len(step.after) == changed
+    for expected in reversed(maps[:-1]):
+        s.undo()
+        assert np.array_equal(s.label_map, expected)
+    for expected in maps[1:]:
+        s.redo()
+        assert np.array_equal(s.label_map, expected)
+
+
 def test_objects_never_overwrite_each_other():
     s = Session(_constant_model(+1.0), device="cpu")  # every click claims its whole crop
     s.set_volume(_volume())
