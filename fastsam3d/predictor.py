@@ -47,11 +47,13 @@ class Predictor:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
         cache_size: how many crop embeddings to keep.
         dtype: ``"fp32"`` or ``"bf16"`` (autocast: matrix products in bfloat16, norms and
-            softmax in float32; outputs are float32 either way). On the CPU the predictor then
-            holds a copy of the model with its Linear and convolution weights stored in
-            bfloat16 (:func:`bf16_matrix_weights`): autocast would cast every weight again on
-            every call, which made the path slower than float32. Fast where the CPU has
-            bfloat16 matrix units (AMX, AVX512-BF16); elsewhere bfloat16 is emulated.
+            softmax in float32; outputs are float32 either way). On the CPU only the image
+            encoder runs in bfloat16, from a copy whose Linear and convolution weights are
+            stored so (:func:`bf16_matrix_weights`; autocast would cast every weight again on
+            every call): about 2x faster where the CPU has bfloat16 matrix units (AMX,
+            AVX512-BF16; elsewhere bfloat16 is emulated). The click path stays float32 there:
+            in bfloat16 it was no faster, and oneDNN compiled a kernel for every new number of
+            prompts (~12 ms on each of a session's first clicks; benchmarks/NOTES.md).
         compile: None (eager), ``"cudagraphs"`` (CUDA only: encoder and click captured once per
             prompt shape and replayed, which removes the kernel-launch and host overhead that
             dominates a 128^3 click on a GPU), ``"inductor"`` (``torch.compile``; mode
@@ -94,13 +96,12 @@ class Predictor:
             raise ValueError(f"quantize must be None or one of {QUANTIZE_MODES}, got {quantize!r}")
         if quantize and self.device.type != "cpu":
             raise ValueError("quantize='int8' runs on the CPU only")
-        self.model = model.to(self.device).eval()
-        if quantize:  # a new Sam3D: the caller's model (maybe shared) keeps its float encoder
-            m = self.model
-            encoder = quantize_linear_int8(m.image_encoder)
-            self.model = Sam3D(encoder, m.prompt_encoder, m.mask_decoder, m.config).eval()
+        m = self.model = model.to(self.device).eval()
+        encoder = quantize_linear_int8(m.image_encoder) if quantize else m.image_encoder
         if dtype == "bf16" and self.device.type == "cpu":
-            self.model = bf16_matrix_weights(self.model)
+            encoder = bf16_matrix_weights(encoder)
+        if encoder is not m.image_encoder:  # the caller's model (maybe shared) keeps its own
+            self.model = Sam3D(encoder, m.prompt_encoder, m.mask_decoder, m.config).eval()
         self.dtype = dtype
         self.compile = compile
         if click_threads == "auto":
@@ -129,13 +130,15 @@ class Predictor:
     def img_size(self) -> int:
         return int(getattr(self.model.config, "img_size", 128))
 
-    def _autocast(self) -> torch.autocast:
-        # no cast cache: each weight is used once per call, and a cache is unsafe in capture
-        bf16 = self.dtype == "bf16"
+    def _autocast(self, encoder: bool) -> torch.autocast:
+        """bf16 autocast for the encoder, and for the click path except on the CPU (see
+        ``dtype``). No cast cache: each weight is used once per call, and a cache is unsafe
+        in capture."""
+        bf16 = self.dtype == "bf16" and (encoder or self.device.type != "cpu")
         return torch.autocast(self.device.type, torch.bfloat16, enabled=bf16, cache_enabled=False)
 
     def _encode_eager(self, image: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with self._autocast(encoder=True):
             return self.model.image_encoder(image).float()
 
     def _click_eager(
@@ -147,7 +150,7 @@ class Predictor:
         masks: torch.Tensor | None,
         multimask: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._autocast():
+        with self._autocast(encoder=False):
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
             low_res, iou = self.model.mask_decoder(
                 image_embeddings=embedding,
@@ -248,7 +251,7 @@ class Predictor:
         )
         masks = None if mask_input is None else mask_input.to(dev, torch.float32)
         if self._dense_pe is None:  # constant: computed once, not per click
-            with self._autocast():
+            with self._autocast(encoder=False):
                 self._dense_pe = self.model.prompt_encoder.get_dense_pe()
         key = (
             None if pts is None else pts[0].shape[1],
@@ -341,8 +344,8 @@ def bf16_matrix_weights(model: torch.nn.Module) -> torch.nn.Module:
 
     Norms, embeddings and buffers stay float32. Under autocast every matrix product casts its
     weight to bfloat16 anyway, so the arithmetic is autocast's, minus one cast per weight and
-    call; half the bytes are read per click. The caller's model is left as it was; a model
-    already converted is returned as is (``Predictor.share`` keeps one copy of the weights).
+    call, and half the bytes are read. The caller's model is left as it was; a model already
+    converted is returned as is (``Predictor.share`` keeps one copy of the weights).
     """
     kinds = (torch.nn.Linear, torch.nn.Conv3d, torch.nn.ConvTranspose3d)
     if all(m.weight.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, kinds)):

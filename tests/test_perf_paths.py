@@ -69,22 +69,26 @@ def test_int8_leaves_the_callers_model_float():
     assert pred.model.image_encoder is not model.image_encoder
 
 
-def test_cpu_bf16_stores_matrix_weights_in_a_copy():
-    """On the CPU, bf16 keeps Linear and convolution weights in bfloat16 (no per-call casts),
-    norms in float32, and leaves the caller's model float32."""
+def test_cpu_bf16_stores_the_encoders_matrix_weights_in_a_copy():
+    """On the CPU, bf16 keeps the image encoder's Linear and convolution weights in bfloat16
+    (no per-call casts) and its norms in float32; the click path (prompt encoder, decoder)
+    stays float32, and the caller's model is left float32."""
     model = _small_model()
     pred = Predictor(model, "cpu", dtype="bf16")
     block = pred.model.image_encoder.blocks[0]
     assert block.mlp.lin1.weight.dtype == torch.bfloat16
     assert pred.model.image_encoder.patch_embed.proj.weight.dtype == torch.bfloat16
-    assert pred.model.mask_decoder.output_upscaling[0].weight.dtype == torch.bfloat16
     assert block.norm2.weight.dtype == torch.float32
+    assert pred.model.mask_decoder is model.mask_decoder
+    assert pred.model.mask_decoder.output_upscaling[0].weight.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert pred.share().model is pred.model  # the server's sessions share one bf16 copy
+    shared = pred.share().model  # the server's sessions share one bf16 copy
+    assert shared.image_encoder is pred.model.image_encoder
     from fastsam3d.server.app import session_factory
 
     make, base, _ = session_factory(model, "cpu", "bf16")
-    assert base.dtype == "bf16" and make().predictor.model is base.model
+    assert base.dtype == "bf16"
+    assert make().predictor.model.image_encoder is base.model.image_encoder
 
 
 @pytest.mark.parametrize(("torch_threads", "expected"), [(1, 1), (2, 1), (4, 3), (8, 7)])

@@ -27,8 +27,9 @@ EXIT_INTERRUPTED = 130
 DtypeOption = Annotated[
     Literal["fp32", "bf16"],
     typer.Option(
-        help="fp32 (the reference) or bf16: matrix products in bfloat16, about 2x faster image "
-        "encoder on CPUs with AMX or AVX512-BF16 and on GPUs; masks Dice >= 0.99 against fp32.",
+        help="fp32 (the reference) or bf16: matrix products in bfloat16 (on a CPU the image "
+        "encoder's only), about 2x faster encoding on CPUs with AMX or AVX512-BF16 and on GPUs; "
+        "masks Dice >= 0.99 against fp32.",
     ),
 ]
 
