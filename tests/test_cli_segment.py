@@ -95,7 +95,7 @@ def test_readme_command_segments_the_sample_liver_with_the_bundled_model(tmp_pat
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["dtype"] == "bf16"
     other = load_volume(bf16).array > 0
-    assert 2 * (mask & other).sum() / (mask.sum() + other.sum()) >= 0.99  # 0.9988 measured
+    assert 2 * (mask & other).sum() / (mask.sum() + other.sum()) >= 0.99  # 0.9997 measured
     # a box around the liver (its reference bounding box), then the same click
     run = run_cli(
         "segment", "sample", "-o", out, "--box", "37,25,69,104,86,111", "--point", "92,51,100",
