@@ -96,6 +96,8 @@ class Predictor:
             raise ValueError(f"quantize must be None or one of {QUANTIZE_MODES}, got {quantize!r}")
         if quantize and self.device.type != "cpu":
             raise ValueError("quantize='int8' runs on the CPU only")
+        if quantize and dtype != "fp32":
+            raise ValueError("quantize='int8' and dtype='bf16' both speed up the encoder: pick one")
         m = self.model = model.to(self.device).eval()
         encoder = quantize_linear_int8(m.image_encoder) if quantize else m.image_encoder
         if dtype == "bf16" and self.device.type == "cpu":

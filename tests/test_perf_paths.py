@@ -250,6 +250,8 @@ def test_bad_options_are_refused():
             Predictor(_small_model(), "cpu", compile=mode)
     with pytest.raises(ValueError, match="compile must be"):
         Predictor(_small_model(), "cpu", compile="tensorrt")
+    with pytest.raises(ValueError, match="pick one"):
+        Predictor(_small_model(), "cpu", quantize="int8", dtype="bf16")
 
 
 @pytest.mark.parametrize("seed", range(4))
