@@ -12,7 +12,7 @@ from fastsam3d.errors import CheckpointError
 
 pytest.importorskip("distributed")
 
-from fastsam3d.distributed import run_batch_dask
+from fastsam3d.distributed import SessionPlugin, run_batch_dask
 
 
 def test_dask_local_cluster_batch(tmp_path: Path):
@@ -23,7 +23,7 @@ def test_dask_local_cluster_batch(tmp_path: Path):
     click = CasePrompts(points=[PointPrompt((14, 21, 17))])
     plan, _ = plan_batch(inp, {"a": click, "bad": click, "b": click}, tmp_path / "out")
     model = tiny_model_file(tmp_path)
-    results = {r.case: r for r in run_batch_dask(plan, str(model), "cpu", "local")}
+    results = {r.case: r for r in run_batch_dask(plan, str(model), "cpu", "local", dtype="bf16")}
     assert results["a"].status == "ok" and results["b"].status == "ok"
     assert results["bad"].status == "failed" and "bad.nii.gz" in results["bad"].error
     assert (tmp_path / "out" / "a.nii.gz").exists() and (tmp_path / "out" / "b.nii.gz").exists()
@@ -31,6 +31,15 @@ def test_dask_local_cluster_batch(tmp_path: Path):
     (inp / "bad.nii.gz").unlink()
     resumed = list(run_batch_dask(plan[:1], str(model), "cpu", "local", resume=True))
     assert [r.status for r in resumed] == ["skipped"]
+
+
+def test_session_plugin_travels_with_its_dtype():
+    """What a worker rebuilds its session from: model, device and dtype, not the session."""
+    import pickle
+
+    plugin = pickle.loads(pickle.dumps(SessionPlugin("m.safetensors", "cpu", "bf16")))
+    assert (plugin.model, plugin.device, plugin.dtype) == ("m.safetensors", "cpu", "bf16")
+    assert plugin.session is None
 
 
 def test_dask_bad_model_fails_before_any_worker(tmp_path: Path):
