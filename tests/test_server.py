@@ -43,6 +43,7 @@ def upload(url: str, volume, auth: dict[str, str] | None = None) -> dict:
 def test_session_life_cycle(server, volume):
     health = httpx.get(f"{server}/v1/health").json()
     assert health["status"] == "ok" and health["max_sessions"] == 3
+    assert health["device"] == "cpu" and health["dtype"] == "fp32"
     info = upload(server, volume)
     sid = info["session_id"]
     assert info["shape"] == list(volume.shape)

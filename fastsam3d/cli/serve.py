@@ -71,5 +71,10 @@ def serve(
         )
     auth = "token required" if token else "no token (loopback only)"
     compat = ", nnInteractive protocol at /" if nninteractive_compat else ""
-    console.print(f"fastsam3d server on http://{host}:{port} ({auth}{compat}); docs at /docs")
+    state = application.state
+    console.print(
+        f"fastsam3d server on http://{host}:{port} ({auth}{compat}); docs at /docs; "
+        f"model {state.model_name} on {state.device}, {state.dtype}",
+        highlight=False,
+    )
     uvicorn.run(application, host=host, port=port, log_level="warning", timeout_keep_alive=30)

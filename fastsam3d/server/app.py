@@ -226,6 +226,7 @@ def create_app(
             version=fastsam3d.__version__,
             model=model_name,
             device=str(base.device),
+            dtype=dtype,
             accepts_boxes=base.accepts_boxes,
             sessions=len(store),
             max_sessions=max_sessions,
@@ -401,4 +402,6 @@ def create_app(
 
     app.state.store = store
     app.state.model_name = model_name
+    app.state.device = str(base.device)
+    app.state.dtype = dtype
     return app

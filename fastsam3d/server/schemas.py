@@ -106,6 +106,7 @@ class Health(BaseModel):
     version: str
     model: str
     device: str
+    dtype: Literal["fp32", "bf16"]
     accepts_boxes: bool
     sessions: int
     max_sessions: int
