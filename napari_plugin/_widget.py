@@ -209,8 +209,8 @@ class FastSAM3DWidget(Container):
             label="Precision",
             choices=[("float32", "fp32"), ("bfloat16", "bf16")],
             tooltip="bfloat16: about 2x faster image encoding (a click on a new crop) on CPUs "
-            "with AMX or AVX512-BF16 and on GPUs (masks Dice >= 0.99 against float32); slower "
-            "where the CPU lacks them (fastsam3d doctor says)",
+            "with AMX or AVX512-BF16 (masks Dice >= 0.99 against float32); slower on CPUs "
+            "without them (fastsam3d doctor says) and, measured, on a GPU",
         )
         self._start_btn = PushButton(text="Start segmenting")
         self._object_label = Label(label="Object", value="-")

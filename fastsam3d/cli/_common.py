@@ -27,9 +27,9 @@ EXIT_INTERRUPTED = 130
 DtypeOption = Annotated[
     Literal["fp32", "bf16"],
     typer.Option(
-        help="fp32 (the reference) or bf16: matrix products in bfloat16 (on a CPU the image "
-        "encoder's only), about 2x faster encoding on CPUs with AMX or AVX512-BF16 and on GPUs; "
-        "masks Dice >= 0.99 against fp32.",
+        help="fp32 (the reference) or bf16: the image encoder in bfloat16 on a CPU, about 2x "
+        "faster encoding where the CPU has AMX or AVX512-BF16 (fastsam3d doctor says); masks "
+        "Dice >= 0.99 against fp32. On a GPU (eager) bf16 was measured slower: keep fp32.",
     ),
 ]
 
