@@ -483,10 +483,7 @@ class FastSAM3DWidget(Container):
             return
         voxel = np.asarray(voxel, dtype=float)
         self._draw_pending(voxel, positive)
-        if self._first_click:
-            self._status.value = "first click: computing the image embedding…"
-        t0 = time.perf_counter()
-        self._edit(lambda s: s.add_point(voxel, positive=positive), t0=t0)
+        self._prompt(lambda s: s.add_point(voxel, positive=positive))
 
     # ------------------------------------------------------------------ boxes
     def draw_box(self) -> None:
@@ -535,10 +532,14 @@ class FastSAM3DWidget(Container):
             show_info("FastSAM3D: choose an image and press Start first")
             return
         lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+        self._prompt(lambda s: s.add_box(lo, hi))
+
+    def _prompt(self, op: Callable[[Session], Edit]) -> None:
+        """Submit a click or box, timed from now (the status line shows its seconds); the first
+        of an image computes the embedding, which the status says meanwhile."""
         if self._first_click:
             self._status.value = "first prompt: computing the image embedding…"
-        t0 = time.perf_counter()
-        self._edit(lambda s: s.add_box(lo, hi), t0=t0)
+        self._edit(op, t0=time.perf_counter())
 
     # ------------------------------------------------------------------ actions
     def new_object(self) -> None:
