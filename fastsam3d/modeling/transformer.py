@@ -112,7 +112,8 @@ class DecoderAttention(nn.Module):
         """
         b, n, _ = k.shape
         h = self.num_heads
-        kh = self._split(self.k_proj(k)) * (self.internal_dim // h) ** -0.5  # (B, h, n, d)
+        kh = self._split(self.k_proj(k))  # (B, h, n, d)
+        kh = kh * kh.shape[-1] ** -0.5
         folded = (kh @ self._head_weights(self.q_proj)).reshape(b, h * n, -1)  # (B, h*n, C)
         bias = (kh @ self.q_proj.bias.view(h, -1, 1)).reshape(b, h * n, 1)
         scores = torch.baddbmm(bias, folded, q.transpose(1, 2))  # (B, h*n, Nq)
