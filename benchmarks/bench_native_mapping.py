@@ -43,6 +43,7 @@ def main() -> None:
         "--model", action="append", help="session models: untrained (default), ball, a checkpoint"
     )
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="session models'")
+    ap.add_argument("--device", default="cpu", help="session models' (cpu or cuda)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,7 +78,9 @@ def main() -> None:
         }
         print(json.dumps(row), flush=True)
     for model in args.model or ["untrained"]:
-        for row in bench_refine(model, args.repeats, args.case or tuple(REFINE_CASES), args.dtype):
+        for row in bench_refine(
+            model, args.repeats, args.case or tuple(REFINE_CASES), args.dtype, args.device
+        ):
             print(json.dumps(row), flush=True)
 
 

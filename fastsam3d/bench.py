@@ -147,6 +147,7 @@ def default_variants(device: torch.device) -> list[Variant]:
         return [
             Variant("fp32-eager"),
             Variant("bf16-eager", dtype="bf16"),
+            Variant("bf16w-eager", dtype="bf16", bf16_weights=True),
             Variant("fp32-graphs", compile="cudagraphs"),
             Variant("bf16-graphs", dtype="bf16", compile="cudagraphs"),
             Variant("bf16w-graphs", dtype="bf16", compile="cudagraphs", bf16_weights=True),
@@ -434,12 +435,14 @@ def table(rows: list[dict]) -> str:
     sparse = [r for r in rows if r.get("kind") == "sparse"]
     if sparse:
         lines.append(
-            f"\n{'pattern':16} {'size':>5} {'tokens':>7} {'encoder ms':>11} {'x dense':>8}"
+            f"\n{'pattern':16} {'size':>5} {'tokens':>7} {'encoder ms':>11} {'x dense':>8} "
+            f"{'graph ms':>9} {'x dense':>8}"
         )
         for r in sparse:
+            graphed = f" {r['graph_ms']:9.2f} {r['graph_ratio']:8.2f}" if "graph_ms" in r else ""
             lines.append(
                 f"{r['pattern']:16} {r['size']:5d} {r['tokens']:7d} {r['encoder_ms']:11.2f} "
-                f"{r['ratio']:8.2f}"
+                f"{r['ratio']:8.2f}{graphed}"
             )
     pipe = [r for r in rows if r.get("kind") == "pipeline"]
     if pipe:
@@ -535,9 +538,11 @@ def bench_sparse(
     official sparse pattern, on crops of ``sizes``^3 (tokens grow 8x from 128^3 to 256^3).
 
     The three encoders differ only in the attention pattern (same widths and depth, random
-    weights); ``ratio`` = dense time / this time (> 1: faster than dense).
+    weights); ``ratio`` = dense time / this time (> 1: faster than dense). On a GPU each encoder
+    is also timed replayed as one CUDA graph (``graph_ms``, ``graph_ratio``), the way the fast
+    click path runs it: eager times there are mostly the host's kernel launches.
     """
-    from fastsam3d.predictor import resolve_device
+    from fastsam3d.predictor import CudaGraph, resolve_device
     from fastsam3d.registry import build_model
 
     dev = resolve_device(device)
@@ -550,13 +555,17 @@ def bench_sparse(
     rows = []
     for size in sizes:
         x = torch.randn(1, 1, size, size, size, device=dev)
-        dense_ms = None
+        dense_ms = dense_graph_ms = None
         for name, (arch, overrides) in patterns.items():
             torch.manual_seed(0)
             enc = build_model(arch, **overrides).image_encoder.to(dev).eval()
             with torch.inference_mode():
                 stats = time_ms(functools.partial(enc, x), dev, repeats, warmup=2)
                 peak = _peak_bytes(dev, functools.partial(enc, x))
+                if dev.type == "cuda":
+                    graph = CudaGraph(enc, (x,))
+                    graph_ms = time_ms(functools.partial(graph, (x,)), dev, repeats)["median_ms"]
+                    del graph
             row = {
                 "kind": "sparse",
                 "pattern": name,
@@ -568,6 +577,9 @@ def bench_sparse(
             }
             dense_ms = dense_ms or stats["median_ms"]
             row["ratio"] = dense_ms / stats["median_ms"]
+            if dev.type == "cuda":
+                dense_graph_ms = dense_graph_ms or graph_ms
+                row["graph_ms"], row["graph_ratio"] = graph_ms, dense_graph_ms / graph_ms
             rows.append(row)
             del enc
     return rows
@@ -728,8 +740,10 @@ def bench_refine(
     repeats: int = 7,
     cases: Iterable[str] = tuple(REFINE_CASES),
     dtype: str = "fp32",
+    device: str = "cpu",
 ) -> list[dict]:
-    """Refinement clicks through the whole :class:`~fastsam3d.session.Session` path on the CPU.
+    """Refinement clicks through the whole :class:`~fastsam3d.session.Session` path (wall
+    time, mask on the host), on the CPU unless ``device`` says "cuda".
 
     Cases: ``crop128`` (a 128^3 volume at 1.5 mm, one crop) and ``ct512`` (a loaded 512 x 512
     x 300 CT-like volume at 0.8 x 0.8 x 1.0 mm), one tile per click (``max_new_tiles=0``).
@@ -739,7 +753,7 @@ def bench_refine(
     the untrained model's fill the tile, the worst case here); ``dtype`` as for
     :class:`~fastsam3d.predictor.Predictor` (not for ``"ball"``). Variants:
     :class:`ReferenceSession` (baseline), the session, and (real models) the session with the
-    click path on torch's threads instead of one. Each timed refinement is a new negative click
+    click path on torch's threads instead of one (CPU) or with the model in CUDA graphs (GPU). Each timed refinement is a new negative click
     beside the first (the same sequence for every variant; history 2, so memory stays flat);
     ``model_ms`` times the predictor alone on the last click's prompts, ``labels_equal`` /
     ``dice`` compare the final label map with the baseline's.
@@ -754,9 +768,12 @@ def bench_refine(
         pred, name = BallPredictor(build_model(), radius=9.0), "ball (BallPredictor, radius 9)"
         variants = [("reference", ReferenceSession, pred), ("session", Session, pred)]
     else:
-        pred, name = load_predictor(model, "cpu", dtype=dtype)
+        pred, name = load_predictor(model, device, dtype=dtype)
         variants = [("reference", ReferenceSession, pred), ("session", Session, pred)]
-        if isinstance(pred, Predictor):  # not for an export-onnx folder (onnxruntime)
+        if isinstance(pred, Predictor) and pred.device.type == "cuda":
+            graphs = Predictor(pred.model, pred.device, dtype=dtype, compile="cudagraphs")
+            variants.append(("session-cuda-graphs", Session, graphs))
+        elif isinstance(pred, Predictor):  # not for an export-onnx folder (onnxruntime)
             threads = Predictor(pred.model, "cpu", dtype=dtype, click_threads=None)
             variants.append(("session-torch-threads", Session, threads))
     rows = []
@@ -780,8 +797,9 @@ def bench_refine(
             obj = s._objects[s.active_object]
             tile = obj.tiles[-1]  # the session's model step alone, on the last click's prompts
             model_ms = time_ms(
-                lambda s=s, t=tile, o=obj: s._predict(t.grid, o, t.logits), cpu, repeats, warmup=1
-            )
+                lambda s=s, t=tile, o=obj: s._predict(t.grid, o, t.logits),
+                getattr(p, "device", cpu), repeats, warmup=1,
+            )  # fmt: skip
             row = {
                 "kind": "refine", "case": case, "variant": variant, "model": name,
                 "shape": list(shape), "spacing_mm": list(spacing),
@@ -789,6 +807,7 @@ def bench_refine(
                 "refine_p90_ms": refine["p90_ms"], "model_ms": model_ms["median_ms"],
                 "mask_voxels": int((s.label_map > 0).sum()), "threads": torch.get_num_threads(),
                 "click_threads": getattr(p, "click_threads", None), "dtype": dtype,
+                "device": str(getattr(p, "device", cpu)),
             }  # fmt: skip
             if base is None:
                 base, base_labels = row, s.label_map
