@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 7's attention study and a fine-tune of the default, with issue 8's GPU benchmark, on one
-# lent GPU (the device tool) in three calls on one warm machine. The runs are started detached
+# lent GPU (the device tool) in four calls on one warm machine. The runs are started detached
 # (setsid), so they go on between calls; each call stays under the tool's 10-minute limit.
 #   here:    bash scripts/prepare_device_data.sh    (carry .device_carry)
 #   call 1:  bash scripts/device_study.sh start MIN  GPU benchmark of the shipped model (alone on
@@ -9,17 +9,23 @@
 #                                       3D dilated sparse attention, same recipe and seed
 #            finetune                   the shipped default trained on with the same data, lr 1e-4
 #   call 2:  bash scripts/device_study.sh watch      progress, returns after ~9 minutes
-#   call 3:  bash scripts/device_study.sh finish     waits for the runs, scores every run's best
-#            weights and the shipped default on the 45 reported labels of ts_abdomen_ct (the
-#            `fastsam3d evaluate` protocol, 5 clicks and box + 5, no baseline), returns logs,
-#            scores and the best weights of the fine-tune and of the better attention run by validation score (int8, 15 MiB parts:
-#            `cat NAME_part_* > NAME.safetensors`).
+#   call 3:  bash scripts/device_study.sh finish     waits for the runs; returns their logs and the two
+#            attention runs' best weights (int8, 15 MiB parts: `cat NAME_part_* > NAME.safetensors`)
+#   call 4:  bash scripts/device_study.sh fetch      the fine-tune's best and last weights (a call
+#            returns at most 64 MiB, two int8 models)
+#   here:    bash scripts/eval45.sh NAME.safetensors runs/eval_NAME   the 45-label evaluation, on
+#            the CPU: the device image has neither nibabel nor MONAI (session 10 tried it there).
 # Runs sharing the GPU are compared with each other, not with runs alone.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 RUNS="attn_dense attn_dilated finetune"
-LABELS=${LABELS:-1,2,3,4,5,6,7,11,14,18,19,20,21,22,25,26,27,28,29,30,31,32,52,63,64,65,66,67,68,75,76,77,78,79,80,81,82,83,84,85,86,87,88,89,117}
-DEVICE=${DEVICE:-cuda}
+fetch() {  # RUN/NAME...: int8 copies in 15 MiB parts; 2 x 29 MB fill a call's 64 MiB
+  for w in "$@"; do
+    python3 -m fastsam3d convert "/tmp/$w.safetensors" "/tmp/${w/\//_}.int8.safetensors" --dtype int8 \
+      && split -b 15m "/tmp/${w/\//_}.int8.safetensors" "$OUT/${w/\//_}_part_"
+  done
+  ls -la "$OUT"
+}
 progress() {
   for r in $RUNS; do
     echo "== $r $(tail -c 400 "/tmp/$r.stdout" | tr '\r' '\n' | grep -v '^\s*$' | tail -1)"
@@ -52,23 +58,7 @@ finish)
   progress
   for r in $RUNS; do cp "/tmp/$r.stdout" "/tmp/$r/stdout.txt"; done
   tar czf "$OUT/runs.tar.gz" -C /tmp $(for r in $RUNS; do echo "$r/log.csv $r/val.csv $r/state.json $r/stdout.txt"; done)
-  CT=.device_carry/ts_abdomen_ct
-  for m in default:fastsam3d/weights/default.safetensors attn_dense:/tmp/attn_dense/best.safetensors \
-      attn_dilated:/tmp/attn_dilated/best.safetensors finetune:/tmp/finetune/best.safetensors \
-      finetune_last:/tmp/finetune/model.safetensors; do
-    OMP_NUM_THREADS=3 timeout 240 python3 -m fastsam3d evaluate $CT/image.nii.gz $CT/label.nii.gz \
-      -o "/tmp/eval_${m%%:*}" --labels $LABELS --clicks 5 --model "${m#*:}" --device "$DEVICE" \
-      --no-baseline --overwrite > "/tmp/eval_${m%%:*}.log" 2>&1 &
-  done
-  wait
-  for m in default attn_dense attn_dilated finetune finetune_last; do
-    echo "== eval $m"; tail -3 "/tmp/eval_$m.log"; grep "^all,.*model" "/tmp/eval_$m/summary.csv" | cut -d, -f2,4,5,7
-  done
-  tar czf "$OUT/eval.tar.gz" -C /tmp $(for m in default attn_dense attn_dilated finetune finetune_last; do echo "eval_$m/summary.csv eval_$m/results.csv"; done)
-  attn=$(for r in attn_dense attn_dilated; do python3 -c "import json; print(json.load(open('/tmp/$r/state.json'))['best']['score'], '$r')"; done | sort -g | tail -1 | cut -d' ' -f2)
-  for r in finetune "$attn"; do  # 2 x 29 MB: the tool returns 64 MiB a call
-    python3 -m fastsam3d convert "/tmp/$r/best.safetensors" "/tmp/$r.int8.safetensors" --dtype int8 \
-      && split -b 15m "/tmp/$r.int8.safetensors" "$OUT/${r}_part_"
-  done
-  ls -la "$OUT" ;;
+  fetch attn_dense/best attn_dilated/best ;;
+fetch)
+  fetch finetune/best finetune/model ;;
 esac

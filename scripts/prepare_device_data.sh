@@ -2,7 +2,7 @@
 # Prepare the real cases a device training run carries (.device_carry/, git-ignored; ~30 MB):
 #   real_train.safetensors  the four training folders of ../shared/data (every label an object)
 #   val_select.safetensors  held-out objects for checkpoint selection (`--val-cases`): every second
-#                           label of the 45-label evaluation list of ts_abdomen_ct (23 organs,
+#                           label of the 45-label evaluation list of ts_abdomen_ct (report_labels.txt) (23 organs,
 #                           vessels, bones, muscles) and the breast lesion. Report the evaluation
 #                           table on all 45 labels and on the other 22 (never used for selection).
 #                           Session 6 selected on the 16 labels outside the 45 (ribs, adrenals, T11,
@@ -23,8 +23,7 @@ import sys
 from fastsam3d.training.data import load_case, save_cases
 
 data = sys.argv[1]
-report = [1, 2, 3, 4, 5, 6, 7, 11, 14, 18, 19, 20, 21, 22, 25, 26, 27, 28, 29, 30, 31, 32, 52,
-          63, 64, 65, 66, 67, 68, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 117]
+report = [int(v) for v in open("scripts/report_labels.txt").read().split(",")]
 select = set(report[::2])
 ct = load_case("ts_abdomen_ct", f"{data}/ts_abdomen_ct/image.nii.gz",
                f"{data}/ts_abdomen_ct/label.nii.gz")
