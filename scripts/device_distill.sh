@@ -3,21 +3,18 @@
 # warm machine (the teacher stays in /tmp between them):
 #   here:    bash scripts/prepare_device_data.sh          (carry .device_carry)
 #   call 1:  bash scripts/device_distill.sh teacher MIN   a ViT-B teacher (sam_med3d layout, clean
-#            switches, global attention: the 8^3 token grid fits one 14^3 window anyway) and, beside
-#            it on the same GPU, a fine-tune of the bundled default; both validated on held-out
-#            objects (--val-cases) every 150 steps. Returns the fine-tune's best and last weights
-#            (int8). The teacher stays on the machine: at ~95 MB in int8 it cannot be carried
-#            back in a later session (a call carries 64 MiB), so it is distilled from in call 2.
+#            switches, global attention: the 8^3 token grid fits one 14^3 window anyway), alone on
+#            the GPU, validated on held-out objects (--val-cases) every 150 steps. Returns its logs.
+#            (Session 10 showed that training the default on beside it does not help.) The
+#            teacher stays on the machine: at ~95 MB in int8 it cannot be carried back in a later
+#            session (a call carries 64 MiB), so it is distilled from in call 2.
 #   call 2:  bash scripts/device_distill.sh students MIN  the width-384 student distilled from the
 #            teacher's best weights with each schedule (decoupled, progressive, dynamic; the
 #            papers' MSE feature loss) and progressive with the relative feature loss
 #            (--feature-loss relative), all four at once for the same minutes. (Session 6 ran the
 #            student without a teacher in the fourth slot: behind all three schedules.)
 #            Returns the best-scoring student (int8).
-#   or:      bash scripts/device_distill.sh attention MIN  dense (global) against 3D dilated sparse
-#            attention: the width-384 student trained from scratch both ways at once, same recipe
-#            (the comparison issue 7 asks for before the default's attention is settled; not run yet).
-#            Returns the better one's best weights (int8).
+#   (The dense against dilated attention study is scripts/device_study.sh, run in session 10.)
 # Runs in one call share the GPU, so they are compared with each other, not with runs alone.
 # $OUT gets runs.tar.gz (log.csv, val.csv, state.json of every run) and weights split into
 # 15 MiB parts (the tool returns files up to 16 MiB): `cat NAME_part_* > NAME.safetensors`.
@@ -37,36 +34,26 @@ launch() {  # NAME ARGS...: run `fastsam3d ARGS --out /tmp/NAME` in the backgrou
   python3 -m fastsam3d "$@" --out "/tmp/$name" --overwrite "${COMMON[@]}" > "/tmp/$name.stdout" 2>&1 &
 }
 if [ "$PHASE" = teacher ]; then
-  timeout 120 python3 benchmarks/bench_model.py --checkpoint fastsam3d/weights/default.safetensors \
-    --repeats 30 2>&1 | tee "$OUT/gpu_bench_default.txt" | tail -25
   launch teacher train "${TEACHER[@]}" --lr 4e-4
-  launch finetune finetune --from fastsam3d/weights/default.safetensors --lr 1e-4
-  RUNS="teacher finetune" KEEP=finetune
-elif [ "$PHASE" = attention ]; then
-  launch attn_dense train "${STUDENT[@]}" --set attention=global --lr 5e-4
-  launch attn_dilated train "${STUDENT[@]}" --lr 5e-4
-  RUNS="attn_dense attn_dilated" KEEP=
+  RUNS=teacher
 else
   for s in decoupled progressive dynamic; do
     launch "student_$s" distill --teacher /tmp/teacher/best.safetensors --schedule "$s" "${STUDENT[@]}" --lr 5e-4
   done
   launch student_progressive_rel distill --teacher /tmp/teacher/best.safetensors \
     --schedule progressive --feature-loss relative "${STUDENT[@]}" --lr 5e-4
-  RUNS="student_decoupled student_progressive student_dynamic student_progressive_rel" KEEP=
+  RUNS="student_decoupled student_progressive student_dynamic student_progressive_rel"
 fi
 wait
 for r in $RUNS; do
   echo "== $r"; tail -c 600 "/tmp/$r.stdout" | tr '\r' '\n' | tail -3
   cp "/tmp/$r.stdout" "/tmp/$r/stdout.txt"; tail -2 "/tmp/$r/val.csv"
 done
-best=$(for r in $RUNS; do python3 -c "import json,sys; print(json.load(open('/tmp/$r/state.json'))['best']['score'], '$r')"; done | sort -g | tail -1 | cut -d' ' -f2)
-KEEP=${KEEP:-$best}
-echo "keeping $KEEP (best overall: $best)"
 tar czf "$OUT/runs.tar.gz" -C /tmp $(for r in $RUNS; do echo "$r/log.csv $r/val.csv $r/state.json $r/stdout.txt"; done)
-python3 -m fastsam3d convert "/tmp/$KEEP/best.safetensors" "/tmp/$KEEP.int8.safetensors" --dtype int8 \
-  && split -b 15m "/tmp/$KEEP.int8.safetensors" "$OUT/${KEEP}_part_"
-if [ "$PHASE" = teacher ]; then  # the fine-tune's last weights too: "best" may be step 0
-  python3 -m fastsam3d convert /tmp/finetune/model.safetensors /tmp/finetune_last.int8.safetensors \
-    --dtype int8 && split -b 15m /tmp/finetune_last.int8.safetensors "$OUT/finetune_last_part_"
+if [ "$PHASE" != teacher ]; then  # the best student comes back (a teacher is too big for a call)
+  best=$(for r in $RUNS; do python3 -c "import json,sys; print(json.load(open('/tmp/$r/state.json'))['best']['score'], '$r')"; done | sort -g | tail -1 | cut -d' ' -f2)
+  echo "keeping $best"
+  python3 -m fastsam3d convert "/tmp/$best/best.safetensors" "/tmp/$best.int8.safetensors" --dtype int8 \
+    && split -b 15m "/tmp/$best.int8.safetensors" "$OUT/${best}_part_"
 fi
 ls -la "$OUT"
