@@ -23,7 +23,7 @@ _LAZY = {
     "save_mask": "fastsam3d.io.write",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]  # noqa: PLE0604 (the keys are strings)
 
 
 def __getattr__(name: str) -> Any:

@@ -400,6 +400,13 @@ class FastSAM3DWidget(Container):
         self._status.value = "loading the model…"
         self._submit(partial(self._open_session, (model, device, dtype), volume), self._on_started)
 
+    @staticmethod
+    def _started(layer) -> bool:
+        """Whether Start has made ``layer`` (and the user has not deleted it); if not, say so."""
+        if layer is None:
+            show_info("FastSAM3D: choose an image and press Start first")
+        return layer is not None
+
     def _open_session(self, key: tuple[str, str, str], volume: Volume) -> _Result:
         """Worker: build the session if (model, device, dtype) changed, then set the volume."""
         if self._session is None or self._session_key != key:
@@ -461,8 +468,7 @@ class FastSAM3DWidget(Container):
             dims_displayed: the displayed world axes.
             positive: False for a negative point.
         """
-        if self._image is None:
-            show_info("FastSAM3D: choose an image and press Start first")
+        if not self._started(self._image):
             return
         try:
             voxel = pick_voxel(self._image, position, view_direction, dims_displayed)
@@ -473,8 +479,7 @@ class FastSAM3DWidget(Container):
 
     def add_point(self, voxel, positive: bool = True) -> None:
         """Add a point at voxel (i, j, k) of the image and re-segment in the background."""
-        if self._volume is None or self.prompts_layer is None:
-            show_info("FastSAM3D: choose an image and press Start first")
+        if not self._started(self.prompts_layer):
             return
         try:
             geometry.check_inside(voxel, self._volume.array.shape, "the click")
@@ -488,8 +493,7 @@ class FastSAM3DWidget(Container):
     # ------------------------------------------------------------------ boxes
     def draw_box(self) -> None:
         """Arm the box tool: the next rectangle dragged on a 2D slice becomes a box prompt."""
-        if self.box_layer is None:
-            show_info("FastSAM3D: choose an image and press Start first")
+        if not self._started(self.box_layer):
             return
         if self.viewer.dims.ndisplay != 2:
             show_info("FastSAM3D: a box is drawn on a 2D slice; switch the viewer to 2D")
@@ -528,8 +532,7 @@ class FastSAM3DWidget(Container):
     def add_box(self, lo, hi) -> None:
         """Segment the current object inside the voxel box with corners ``lo`` and ``hi``
         (replacing its earlier prompts), in the background."""
-        if self._volume is None or self.prompts_layer is None:
-            show_info("FastSAM3D: choose an image and press Start first")
+        if not self._started(self.prompts_layer):
             return
         lo, hi = np.asarray(lo, float), np.asarray(hi, float)
         self._prompt(lambda s: s.add_box(lo, hi))
@@ -620,8 +623,9 @@ class FastSAM3DWidget(Container):
         t0: float | None = None,
         empty: str | None = None,
     ) -> None:
-        if self.prompts_layer is None and self.labels_layer is None:
-            show_info("FastSAM3D: choose an image and press Start first")
+        if not self._started(
+            self.labels_layer if self.prompts_layer is None else self.prompts_layer
+        ):
             return
         self._edit_seq += 1
         seq = self._edit_seq

@@ -16,17 +16,11 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-# Command modules register themselves on `app` when imported.
-from fastsam3d.cli import info  # noqa: E402,F401
-from fastsam3d.cli import convert  # noqa: E402,F401
-from fastsam3d.cli import segment  # noqa: E402,F401
-from fastsam3d.cli import evaluate  # noqa: E402,F401
-from fastsam3d.cli import doctor  # noqa: E402,F401
-from fastsam3d.cli import train  # noqa: E402,F401
-from fastsam3d.cli import serve  # noqa: E402,F401
-from fastsam3d.cli import bench  # noqa: E402,F401
-from fastsam3d.cli import export  # noqa: E402,F401
-from fastsam3d.cli import download  # noqa: E402,F401
+# Command modules register themselves on `app` when imported, in this order (the help's).
+# isort: off
+from fastsam3d.cli import info, convert, segment, evaluate, doctor  # noqa: F401
+from fastsam3d.cli import train, serve, bench, export, download  # noqa: F401
+# isort: on
 
 
 def main() -> None:
