@@ -341,6 +341,13 @@ def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def cpu_bf16_units() -> list[str]:
+    """This CPU's bfloat16 matrix units as torch detects them (empty: bf16 would be emulated,
+    slower than fp32), for choosing ``dtype="bf16"`` on a CPU."""
+    probes = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+    return [name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
+
+
 def bf16_matrix_weights(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` whose Linear and convolution weights and biases are bfloat16.
 

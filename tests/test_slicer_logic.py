@@ -156,3 +156,14 @@ def test_roi_box_against_server_matches_in_process_voxel_box(server, checkpoint)
         assert (logic.mask_kji(1) == 1).any()
     finally:
         logic.close()
+
+
+def test_local_backend_runs_in_the_chosen_precision():
+    """Local mode's precision option reaches the in-process session (bf16 runs, emulated or
+    not, on any CPU); the units probe names only what torch detects."""
+    from FastSAM3DLib.logic import local_backend, local_bf16_units
+
+    assert local_backend(device="cpu").predictor.dtype == "fp32"
+    session = local_backend(device="cpu", dtype="bf16")
+    assert session.predictor.dtype == "bf16"
+    assert set(local_bf16_units()) <= {"AMX", "AVX512-BF16"}

@@ -70,13 +70,13 @@ def doctor(
         except Exception as err:  # noqa: BLE001 - any import failure is a finding
             check(f"import {module}", False, f"{type(err).__name__}: {err} ({need})", required)
 
-    from fastsam3d.predictor import resolve_device
+    from fastsam3d.predictor import cpu_bf16_units, resolve_device
     from fastsam3d.weights import default_checkpoint
 
     dev = resolve_device(device)
     check("device", True, str(dev))
     if dev.type == "cpu":
-        units = _bf16_units()
+        units = cpu_bf16_units()
         check(
             "bfloat16 units", bool(units),
             f"{', '.join(units)}: --dtype bf16 encodes about 2x faster" if units
@@ -121,14 +121,6 @@ def doctor(
             console.print(_verdict(timing), highlight=False)
     if failed:
         raise typer.Exit(EXIT_FAILED)
-
-
-def _bf16_units() -> list[str]:
-    """This CPU's bfloat16 matrix units, as torch detects them (none: bf16 is emulated)."""
-    import torch
-
-    probes = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
-    return [name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
 
 
 def _latency(model: str, device: str, dtype: str, volume, clicks: int, have_weights: bool) -> dict:

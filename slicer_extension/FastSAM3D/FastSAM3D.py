@@ -4,8 +4,8 @@ Thin Slicer glue (Module / Widget / Logic / Test, the ScriptedLoadableModule pat
 that is not Slicer-specific lives in ``FastSAM3DLib/logic.py`` and is tested with pytest outside
 Slicer; read that module for the IJK (k, j, i) <-> (i, j, k) transposes.
 
-Use: pick the volume and a segmentation, enter the server URL (and token) or tick "Local", press
-"Start". Place points with the "+" or "-" tool in any slice view; each point re-segments the
+Use: pick the volume and a segmentation, enter the server URL (and token) or tick "Local" (and,
+on CPUs with bfloat16 units, "bfloat16 image encoder"), press "Start". Place points with the "+" or "-" tool in any slice view; each point re-segments the
 current object, written into its segment ("FastSAM3D 1", "FastSAM3D 2", ...). "Box" draws a
 markups ROI ("FastSAM3D box": click two opposite corners in a slice view; its depth through the
 slice is its shorter side) and sends it as soon as the second corner is placed, with no "send"
@@ -24,6 +24,7 @@ from FastSAM3DLib.logic import (  # Slicer puts the module's folder on sys.path
     FastSAM3DLogicCore,
     local_available,
     local_backend,
+    local_bf16_units,
     remote_backend,
 )
 from slicer.ScriptedLoadableModule import (
@@ -66,12 +67,22 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
         self.tokenEdit.setEchoMode(qt.QLineEdit.Password)
         self.localCheck = qt.QCheckBox("run in Slicer's Python (needs fastsam3d + torch)")
         self.localCheck.enabled = local_available()
+        units = local_bf16_units()
+        self.bf16Check = qt.QCheckBox("bfloat16 image encoder")
+        self.bf16Check.enabled = bool(units)
+        self.bf16Check.toolTip = (
+            f"Local only: about 2x faster encoding on this CPU ({', '.join(units)}); masks "
+            "Dice >= 0.99 against float32"
+            if units
+            else "Local only, on CPUs with AMX or AVX512-BF16 (this one has none)"
+        )
         self.volumeSelector = self._selector("vtkMRMLScalarVolumeNode", "Volume to segment")
         self.segmentationSelector = self._selector("vtkMRMLSegmentationNode", "Segmentation")
         self.segmentationSelector.addEnabled = True
         form.addRow("Server URL:", self.urlEdit)
         form.addRow("Token:", self.tokenEdit)
         form.addRow("Local:", self.localCheck)
+        form.addRow("Precision:", self.bf16Check)
         form.addRow("Volume:", self.volumeSelector)
         form.addRow("Segmentation:", self.segmentationSelector)
 
@@ -132,6 +143,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
             self.segmentationSelector.currentNode(),
             None if self.localCheck.checked else self.urlEdit.text,
             self.tokenEdit.text,
+            "bf16" if self.bf16Check.checked else "fp32",
         )
 
     def placePoint(self, positive):
@@ -158,12 +170,13 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self.lists = {}
         self.box = self.sentBox = None
 
-    def start(self, volumeNode, segmentationNode, url=None, token=None):
-        """Open a session on ``volumeNode`` (remote at ``url``, or local when url is None)."""
+    def start(self, volumeNode, segmentationNode, url=None, token=None, dtype="fp32"):
+        """Open a session on ``volumeNode`` (remote at ``url``, or local when url is None; the
+        local one in ``dtype``, a server in its own)."""
         if volumeNode is None or segmentationNode is None:
             raise ValueError("choose a volume and a segmentation first")
         self.stop()
-        backend = local_backend() if url is None else remote_backend(url, token)
+        backend = local_backend(dtype=dtype) if url is None else remote_backend(url, token)
         self.core = FastSAM3DLogicCore(backend)
         ijk_to_ras = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(volumeNode))
         self.core.set_volume(slicer.util.arrayFromVolume(volumeNode), ijk_to_ras)

@@ -91,11 +91,12 @@ def remote_backend(url: str, token: str | None = None, timeout: float = 300.0) -
     return RemoteSession(url, token=token or None, timeout=timeout)
 
 
-def local_backend(model: str = "default", device: str = "auto") -> Any:
-    """An in-process session; needs fastsam3d with torch in Slicer's Python."""
+def local_backend(model: str = "default", device: str = "auto", dtype: str = "fp32") -> Any:
+    """An in-process session; needs fastsam3d with torch in Slicer's Python. ``dtype="bf16"``
+    encodes about 2x faster on CPUs with bfloat16 units (:func:`local_bf16_units`)."""
     from fastsam3d.session import Session
 
-    return Session(model=model, device=device)
+    return Session(model=model, device=device, dtype=dtype)
 
 
 def local_available() -> bool:
@@ -105,6 +106,16 @@ def local_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def local_bf16_units() -> list[str]:
+    """This CPU's bfloat16 matrix units (empty where the local session cannot run or would
+    emulate bfloat16, slower than fp32)."""
+    if not local_available():
+        return []
+    from fastsam3d.predictor import cpu_bf16_units
+
+    return cpu_bf16_units()
 
 
 class FastSAM3DLogicCore:
