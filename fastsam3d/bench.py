@@ -753,8 +753,9 @@ def bench_refine(
     the untrained model's fill the tile, the worst case here); ``dtype`` as for
     :class:`~fastsam3d.predictor.Predictor` (not for ``"ball"``). Variants:
     :class:`ReferenceSession` (baseline), the session, and (real models) the session with the
-    click path on torch's threads instead of one (CPU) or with the model in CUDA graphs (GPU). Each timed refinement is a new negative click
-    beside the first (the same sequence for every variant; history 2, so memory stays flat);
+    click path on torch's threads instead of one (CPU) or with the model in CUDA graphs (GPU).
+    Each timed refinement is a new negative click beside the first (the same sequence for
+    every variant; history 2, so memory stays flat);
     ``model_ms`` times the predictor alone on the last click's prompts, ``labels_equal`` /
     ``dice`` compare the final label map with the baseline's.
     """

@@ -4,16 +4,16 @@ Thin Slicer glue (Module / Widget / Logic / Test, the ScriptedLoadableModule pat
 that is not Slicer-specific lives in ``FastSAM3DLib/logic.py`` and is tested with pytest outside
 Slicer; read that module for the IJK (k, j, i) <-> (i, j, k) transposes.
 
-Use: pick the volume and a segmentation, enter the server URL (and token) or tick "Local" (and,
-on CPUs with bfloat16 units, "bfloat16 image encoder"), press "Start". Place points with the "+" or "-" tool in any slice view; each point re-segments the
-current object, written into its segment ("FastSAM3D 1", "FastSAM3D 2", ...). "Box" draws a
-markups ROI ("FastSAM3D box": click two opposite corners in a slice view; its depth through the
-slice is its shorter side) and sends it as soon as the second corner is placed, with no "send"
-button (as SlicerNNInteractive does); dragging its handles afterwards sends it again. A box
-replaces the current object's earlier prompts; later points refine it. "New object" starts the
-next segment; "Undo" reverts the last prompt (the model's history, then the segment follows);
-"Reset object" clears the current one. Writes are also saved in the Segment Editor's undo stack
-when the Segment Editor is showing the same segmentation.
+Use: pick the volume and a segmentation, enter the server URL (and token) or tick "Local" (and, on
+CPUs with bfloat16 units, "bfloat16 image encoder"), press "Start". Place points with the "+" or
+"-" tool in any slice view; each point re-segments the current object, written into its segment
+("FastSAM3D 1", "FastSAM3D 2", ...). "Box" draws a markups ROI ("FastSAM3D box": click two opposite
+corners in a slice view; its depth through the slice is its shorter side) and sends it as soon as
+the second corner is placed, with no "send" button (as SlicerNNInteractive does); dragging its
+handles afterwards sends it again. A box replaces the current object's earlier prompts; later
+points refine it. "New object" starts the next segment; "Undo" reverts the last prompt (the model's
+history, then the segment follows); "Reset object" clears the current one. Writes are also saved in
+the Segment Editor's undo stack when the Segment Editor is showing the same segmentation.
 """
 
 from __future__ import annotations
