@@ -17,10 +17,11 @@
 #   (The dense against dilated attention study is scripts/device_study.sh, run in session 10.)
 # Runs in one call share the GPU, so they are compared with each other, not with runs alone.
 # $OUT gets runs.tar.gz (log.csv, val.csv, state.json of every run) and weights split into
-# 15 MiB parts (the tool returns files up to 16 MiB): `cat NAME_part_* > NAME.safetensors`.
+# 15 MiB parts (the tool returns files up to 16 MiB): `cat RUN_best_part_* > RUN.safetensors`.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PHASE=$1 MIN=$2
+. "$(dirname "$0")/device_lib.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 COMMON=(--cases .device_carry/real_train.safetensors --val-cases .device_carry/val_select.safetensors
   --val-every 150 --steps 1000000 --batch-size 16 --targets 4 --pool 384 --rounds 5 --box-prob 0.2
@@ -49,11 +50,9 @@ for r in $RUNS; do
   echo "== $r"; tail -c 600 "/tmp/$r.stdout" | tr '\r' '\n' | tail -3
   cp "/tmp/$r.stdout" "/tmp/$r/stdout.txt"; tail -2 "/tmp/$r/val.csv"
 done
-tar czf "$OUT/runs.tar.gz" -C /tmp $(for r in $RUNS; do echo "$r/log.csv $r/val.csv $r/state.json $r/stdout.txt"; done)
+pack_runs $RUNS
 if [ "$PHASE" != teacher ]; then  # the best student comes back (a teacher is too big for a call)
   best=$(for r in $RUNS; do python3 -c "import json,sys; print(json.load(open('/tmp/$r/state.json'))['best']['score'], '$r')"; done | sort -g | tail -1 | cut -d' ' -f2)
   echo "keeping $best"
-  python3 -m fastsam3d convert "/tmp/$best/best.safetensors" "/tmp/$best.int8.safetensors" --dtype int8 \
-    && split -b 15m "/tmp/$best.int8.safetensors" "$OUT/${best}_part_"
+  fetch "$best/best"
 fi
-ls -la "$OUT"

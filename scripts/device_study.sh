@@ -10,7 +10,7 @@
 #            finetune                   the shipped default trained on with the same data, lr 1e-4
 #   call 2:  bash scripts/device_study.sh watch      progress, returns after ~9 minutes
 #   call 3:  bash scripts/device_study.sh finish     waits for the runs; returns their logs and the two
-#            attention runs' best weights (int8, 15 MiB parts: `cat NAME_part_* > NAME.safetensors`)
+#            attention runs' best weights (int8, 15 MiB parts: `cat RUN_best_part_* > RUN.safetensors`)
 #   call 4:  bash scripts/device_study.sh fetch      the fine-tune's best and last weights (a call
 #            returns at most 64 MiB, two int8 models)
 #   here:    bash scripts/eval45.sh NAME.safetensors runs/eval_NAME   the 45-label evaluation, on
@@ -19,13 +19,7 @@
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 RUNS="attn_dense attn_dilated finetune"
-fetch() {  # RUN/NAME...: int8 copies in 15 MiB parts; 2 x 29 MB fill a call's 64 MiB
-  for w in "$@"; do
-    python3 -m fastsam3d convert "/tmp/$w.safetensors" "/tmp/${w/\//_}.int8.safetensors" --dtype int8 \
-      && split -b 15m "/tmp/${w/\//_}.int8.safetensors" "$OUT/${w/\//_}_part_"
-  done
-  ls -la "$OUT"
-}
+. "$(dirname "$0")/device_lib.sh"
 progress() {
   for r in $RUNS; do
     echo "== $r $(tail -c 400 "/tmp/$r.stdout" | tr '\r' '\n' | grep -v '^\s*$' | tail -1)"
@@ -57,7 +51,7 @@ finish)
   while pgrep -f "fastsam3d (train|finetune)" > /dev/null; do sleep 5; done
   progress
   for r in $RUNS; do cp "/tmp/$r.stdout" "/tmp/$r/stdout.txt"; done
-  tar czf "$OUT/runs.tar.gz" -C /tmp $(for r in $RUNS; do echo "$r/log.csv $r/val.csv $r/state.json $r/stdout.txt"; done)
+  pack_runs $RUNS
   fetch attn_dense/best attn_dilated/best ;;
 fetch)
   fetch finetune/best finetune/model ;;
