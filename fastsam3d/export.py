@@ -134,6 +134,7 @@ class OnnxPredictor:
     """
 
     device = "cpu"
+    first_click_multimask = False  # the exported decoder has the single output only
 
     def __init__(self, folder: str | Path, threads: int | None = None, cache_size: int = 16):
         try:

@@ -129,6 +129,12 @@ class Predictor:
         return bool(getattr(self.model.config, "accepts_boxes", False))
 
     @property
+    def first_click_multimask(self) -> bool:
+        """Whether a lone first click is answered by the best of all 4 outputs
+        (``predict(multimask="all")``; see :class:`~fastsam3d.registry.ModelConfig`)."""
+        return bool(getattr(self.model.config, "first_click_multimask", False))
+
+    @property
     def img_size(self) -> int:
         return int(getattr(self.model.config, "img_size", 128))
 
@@ -150,16 +156,18 @@ class Predictor:
         points: tuple[torch.Tensor, torch.Tensor] | None,
         boxes: torch.Tensor | None,
         masks: torch.Tensor | None,
-        multimask: bool,
+        multimask: bool | str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast(encoder=False):
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
-            low_res, iou = self.model.mask_decoder(
+            dec = self.model.mask_decoder
+            low_res, iou = dec(
                 image_embeddings=embedding,
                 image_pe=dense_pe,
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
-                multimask_output=multimask,
+                multimask_output=multimask is True,
+                outputs=range(dec.num_mask_tokens) if multimask == "all" else None,
             )
         return low_res.float(), iou.float()
 
@@ -221,7 +229,7 @@ class Predictor:
         labels: torch.Tensor | None = None,
         box: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
-        multimask: bool = False,
+        multimask: bool | str = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode masks for the current crop.
 
@@ -230,10 +238,11 @@ class Predictor:
             labels: (N,) or (1, N): 1 positive, 0 negative.
             box: (2, 3) or (1, 2, 3) lo/hi corners in crop voxel units (models with boxes only).
             mask_input: (1, 1, 32, 32, 32) previous low-res logits (official first click: zeros).
-            multimask: return the 3 multimask outputs instead of the single one.
+            multimask: True -> the 3 multimask outputs instead of the single one; ``"all"`` ->
+                all 4 (the single one first), for a lone first click (``first_click_multimask``).
 
         Returns:
-            ``(low_res_logits, iou)``: (1, K, 32, 32, 32) and (1, K), K = 3 if multimask else 1,
+            ``(low_res_logits, iou)``: (1, K, 32, 32, 32) and (1, K), K = 1, 3 or 4,
             float32 on the predictor's device.
         """
         if self._embedding is None:

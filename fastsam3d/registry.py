@@ -38,6 +38,10 @@ class ModelConfig:
     through ``sparse_pattern``, each "grid" or "block" with ``sparse_group``^3 tokens per group);
     with ``window_size > 0`` blocks not in ``global_attn_indexes`` are windowed (teacher).
 
+    ``first_click_multimask``: the checkpoint was trained (``finetune --multimask``) to answer a
+    lone first click with whichever of its 4 outputs (the single one and the 3 multimask ones)
+    has the highest predicted IoU (SAM's answer to "part or whole?"); else the single output.
+
     Quirk switches (True/"official" = reproduce the released code, SPEC §13):
     ``fs3d_block_order`` (norm2 applied to x + attn), ``mlp_residual_after_norm`` (MLP-only
     blocks carry the normalised input), ``official_rel_pos`` (misplaced rel-pos broadcasting),
@@ -67,6 +71,7 @@ class ModelConfig:
     mask_in_chans: int = 16
     num_point_embeddings: int = 2
     num_multimask_outputs: int = 3
+    first_click_multimask: bool = False
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
     decoder_depth: int = 2

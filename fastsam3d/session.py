@@ -494,8 +494,16 @@ class Session:
             lo = np.clip(grid.ras_to_crop(np.asarray(obj.box[0])), 0, grid.size - 1)
             hi = np.clip(grid.ras_to_crop(np.asarray(obj.box[1])), 0, grid.size - 1)
             box = torch.tensor(np.stack([lo, hi]), dtype=torch.float32)
-        low_res, iou = pred.predict(points, labels, box=box, mask_input=mask_in)
-        return _Tile(grid, torch.as_tensor(low_res)), float(iou.flatten()[0])
+        # a lone first click: "part or whole?" is answered by the output with the highest
+        # predicted IoU, for models trained so (ModelConfig.first_click_multimask)
+        lone = len(clicks) == 1 and box is None and not mask_in.any()
+        multimask = "all" if pred.first_click_multimask and lone else False
+        low_res, iou = pred.predict(
+            points, labels, box=box, mask_input=mask_in, multimask=multimask
+        )
+        low_res, iou = torch.as_tensor(low_res), torch.as_tensor(iou).flatten()
+        best = int(iou.argmax())
+        return _Tile(grid, low_res[:, best : best + 1]), float(iou[best])
 
     def _grow(self, tiles: list[_Tile], obj: _Object) -> list[_Tile]:
         """Open neighbouring tiles where a tile's mask touches a face with volume beyond it

@@ -263,3 +263,34 @@ def test_an_edit_covers_exactly_the_voxels_that_changed(tiny_model):
         assert (lo == diff.min(0)).all() and (hi == diff.max(0) + 1).all()
     else:
         assert (hi - lo).prod() == 0
+
+
+def test_a_lone_first_click_takes_the_multimask_output_of_highest_iou():
+    """A model trained with ``finetune --multimask`` answers a first click with the one of its 4
+    outputs of highest predicted IoU; later clicks use the single output."""
+    from fastsam3d.predictor import Predictor
+    from fastsam3d.training.loop import start_multimask_from_single
+
+    class Recording(Predictor):
+        def predict(self, *args, **kwargs):
+            out = super().predict(*args, **kwargs)
+            self.calls.append((kwargs["multimask"], out))
+            return out
+
+    model = _tiny_model()
+    start_multimask_from_single(model)
+    with torch.no_grad():  # make the outputs differ, the last the most confident
+        model.mask_decoder.iou_prediction_head.layers[-1].bias += torch.tensor([0, -1, 0, 1.0])
+        model.mask_decoder.output_hypernetworks_mlps[3].layers[-1].bias += 0.5
+    pred = Recording(model, "cpu")
+    pred.calls = []
+    s = Session(pred)
+    s.set_volume(_volume())
+    s.add_point((20, 20, 20))
+    s.add_point((24, 20, 20), positive=False)
+    (first, (low, iou)), (later, (_, iou2)) = pred.calls
+    assert first == "all" and iou.shape == (1, 4) and int(iou.argmax()) == 3
+    assert not later and iou2.shape == (1, 1)
+    s.reset()
+    s.add_point((20, 20, 20))
+    torch.testing.assert_close(s._objects[1].tiles[0].logits, low[:, 3:4])

@@ -416,3 +416,35 @@ def test_validation_keeps_the_best_checkpoint(tmp_path: Path) -> None:
     assert len(validator) == 2  # labels 1 and 2
     first, again = validator(model), validator(model)
     assert first == again and first["score"] == pytest.approx(best["score"], abs=0.02)
+
+
+def test_multimask_first_click_starts_from_the_single_output_and_trains_the_best() -> None:
+    from fastsam3d.training.loop import start_multimask_from_single
+    from fastsam3d.training.losses import dice_ce_loss, dice_ce_per_mask
+
+    model = _tiny(num_point_embeddings=4)
+    batch = _source(2).next()
+    emb = model.image_encoder(batch.image)[batch.image_index]
+    pe = model.prompt_encoder.get_dense_pe()
+    click = (torch.full((len(emb), 1, 3), SIZE / 2), torch.ones(len(emb), 1, dtype=torch.long))
+    sparse, dense = model.prompt_encoder(points=click, boxes=None, masks=None)
+    before, _ = model.mask_decoder(emb, pe, sparse, dense, False)
+    start_multimask_from_single(model)
+    assert model.config.first_click_multimask
+    logits, iou = model.mask_decoder(emb, pe, sparse, dense, False, outputs=range(4))
+    torch.testing.assert_close(logits[:, :1], before)  # the single output is unchanged
+    assert (iou == iou[:, :1]).all()  # and, the IoUs tied, still the answer (argmax: first)
+    up = torch.rand(3, 2, 4, 4, 4) * 4 - 2
+    target = torch.rand(3, 1, 4, 4, 4) > 0.5
+    per_mask = dice_ce_per_mask(up, target)
+    assert per_mask.shape == (3, 2)
+    torch.testing.assert_close(dice_ce_loss(up[:, :1], target), per_mask[:, 0].mean())
+
+    # the first round decodes all four outputs; gradient reaches only the best multimask one
+    model.zero_grad()
+    loss, metrics = click_loss(model, batch, torch.Generator().manual_seed(0), rounds=1)
+    loss.backward()
+    mlps = model.mask_decoder.output_hypernetworks_mlps
+    moved = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters()) for m in mlps]
+    assert moved[0] and sum(moved[1:]) >= 1, moved
+    assert 0 <= metrics["dice1"] <= 1

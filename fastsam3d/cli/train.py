@@ -289,10 +289,19 @@ def finetune(
             "weights and runs without gradient (cheaper: the way to fine-tune on a CPU)."
         ),
     ] = False,
+    multimask: Annotated[
+        bool,
+        typer.Option(
+            help="Also train the 3 multimask outputs on the first click (SAM's rule: the best "
+            "of the 3 learns), started as copies of the single output; sessions then answer a "
+            "first click with the one of highest predicted IoU."
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune a model on your own labelled volumes (some synthetic crops keep it general),
     or continue training a checkpoint (--from PATH, with --cases prepared by `train --save-cases`)."""
     from fastsam3d.registry import build_model
+    from fastsam3d.training.loop import start_multimask_from_single
     from fastsam3d.weights import default_checkpoint
 
     with user_errors(ValueError):
@@ -304,7 +313,12 @@ def finetune(
         model = build_model(checkpoint=path)
         if freeze_encoder:  # no gradient reaches it, so the optimiser never sees its weights
             model.image_encoder.requires_grad_(False)
-        recipe = {"command": "finetune", "from": str(path), "freeze_encoder": freeze_encoder}
+        if multimask and not model.config.first_click_multimask:
+            start_multimask_from_single(model)
+        recipe = {
+            "command": "finetune", "from": str(path), "freeze_encoder": freeze_encoder,
+            "multimask": multimask,
+        }  # fmt: skip
         _run_click_training(
             model, out, data, cases, None, steps, batch_size, lr, max_minutes, schedule_minutes,
             rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,

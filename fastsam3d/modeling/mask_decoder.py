@@ -50,6 +50,7 @@ class MaskDecoder3D(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        outputs: range | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode masks.
 
@@ -59,9 +60,11 @@ class MaskDecoder3D(nn.Module):
             image_pe: (1, C, d, h, w) from ``prompt_encoder.get_dense_pe()``.
             sparse_prompt_embeddings: (B, N, C); dense_prompt_embeddings: (B, C, d, h, w).
             multimask_output: True -> the 3 multimask outputs, False -> the single mask.
+            outputs: the mask outputs to decode instead (0 the single mask, 1-3 the multimask
+                ones): training takes ``range(4)`` from one transformer pass.
 
         Returns:
-            logits (B, 1 or 3, 4d, 4h, 4w) and IoU predictions (B, 1 or 3).
+            logits (B, K, 4d, 4h, 4w) and IoU predictions (B, K); K = 1 or 3, or len(outputs).
         """
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
@@ -74,7 +77,7 @@ class MaskDecoder3D(nn.Module):
         grid = src.shape[2:]
         hs, src = self.transformer(src, pos_src, tokens)
         # only the selected masks' hypernetworks run (the single mask skips the other three)
-        sel = range(1, self.num_mask_tokens) if multimask_output else range(1)
+        sel = outputs or (range(1, self.num_mask_tokens) if multimask_output else range(1))
         mlps = self.output_hypernetworks_mlps
         hyper_in = torch.stack([mlps[i](hs[:, 1 + i]) for i in sel], dim=1)
         iou = self.iou_prediction_head(hs[:, 0])[:, sel.start : sel.stop]

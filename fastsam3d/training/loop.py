@@ -22,6 +22,7 @@ validator also ``val.csv`` and ``best.safetensors`` (the best-scoring weights so
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -38,7 +39,7 @@ from fastsam3d.atomic import atomic_path, write_text
 from fastsam3d.errors import FastSAM3DError
 from fastsam3d.simulate import Rule, next_click
 from fastsam3d.training.data import Case, RealCropSampler
-from fastsam3d.training.losses import dice_ce_loss, iou_head_loss
+from fastsam3d.training.losses import dice_ce_loss, dice_ce_per_mask, iou_head_loss
 from fastsam3d.training.synthetic import SyntheticConfig, generate, pick_targets
 from fastsam3d.transforms import normalize_crop
 
@@ -221,6 +222,7 @@ def click_loss(
         The mean loss over rounds and metrics: loss, seg/iou parts, Dice after each round.
     """
     image, target = batch.image, batch.target
+    multimask = model.config is not None and model.config.first_click_multimask
     emb = model.image_encoder(image) if embedding is None else embedding
     emb = emb[batch.image_index]
     b, s = target.shape[0], image.shape[-1]
@@ -247,10 +249,13 @@ def click_loss(
             labels.append(lab)
         prompt = (torch.cat(points, 1).float(), torch.cat(labels, 1)) if points else None
         sparse, dense = model.prompt_encoder(points=prompt, boxes=boxes, masks=mask_in)
-        logits, iou = model.mask_decoder(emb, pe, sparse, dense, multimask_output=False)
-        up = F.interpolate(logits.float(), size=(s, s, s), mode="trilinear", align_corners=False)
-        seg = dice_ce_loss(up, target)
-        iou_l = iou_head_loss(iou, up, target)
+        if r == 0 and multimask and not use_box:
+            logits, up, seg, iou_l = _multimask_round(model, emb, pe, sparse, dense, target)
+        else:
+            logits, iou = model.mask_decoder(emb, pe, sparse, dense, multimask_output=False)
+            up = _to_crop(logits, s)
+            seg = dice_ce_loss(up, target)
+            iou_l = iou_head_loss(iou, up, target)
         total = total + seg + iou_l
         metrics["seg"] += seg.item() / rounds
         metrics["iou"] += iou_l.item() / rounds
@@ -262,6 +267,49 @@ def click_loss(
     loss = total / rounds
     metrics["loss"] = loss.item()
     return loss, metrics
+
+
+def _to_crop(logits: Tensor, size: int) -> Tensor:
+    """Low-res logits upsampled (trilinear, float32) to the crop, where the loss is taken."""
+    return F.interpolate(logits.float(), size=(size,) * 3, mode="trilinear", align_corners=False)
+
+
+def _multimask_round(
+    model: nn.Module, emb: Tensor, pe: Tensor, sparse: Tensor, dense: Tensor, target: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A lone first click with SAM's multimask rule: the single mask is trained as usual, of the
+    3 multimask outputs only the one with the lowest loss (a click may mean a part or the
+    whole), and the IoU head on all 4. The answer, as a :class:`~fastsam3d.Session` gives it,
+    is the output of the 4 with the highest predicted IoU.
+
+    Returns:
+        The answer's low-res logits (B, 1, L, L, L) and upsampled logits, segmentation loss,
+        IoU-head loss.
+    """
+    s, dec = target.shape[-1], model.mask_decoder
+    logits, iou = dec(emb, pe, sparse, dense, False, outputs=range(dec.num_mask_tokens))
+    up = _to_crop(logits, s)
+    per_mask = dice_ce_per_mask(up, target)  # (B, 4)
+    seg = per_mask[:, 0].mean() + per_mask[:, 1:].min(dim=1).values.mean()
+    iou_l = iou_head_loss(iou, up, target)
+    pick = iou.detach().argmax(dim=1).view(-1, 1, 1, 1, 1)
+    index = pick.expand(-1, 1, *logits.shape[2:])
+    return logits.gather(1, index), up.gather(1, pick.expand(-1, 1, s, s, s)), seg, iou_l
+
+
+def start_multimask_from_single(model: nn.Module) -> None:
+    """Give the 3 multimask outputs the trained single output's hypernetwork MLP and IoU-head
+    row, and set ``first_click_multimask``. The mask tokens stay (they are inputs the single
+    output attends to), so the single output is unchanged and, the 4 predicted IoUs being
+    equal, a first click is answered as before until fine-tuning tells the outputs apart."""
+    dec = model.mask_decoder
+    with torch.no_grad():
+        head = dec.iou_prediction_head.layers[-1]
+        head.weight[1:] = head.weight[:1]
+        head.bias[1:] = head.bias[:1]
+        for mlp in dec.output_hypernetworks_mlps[1:]:
+            mlp.load_state_dict(dec.output_hypernetworks_mlps[0].state_dict())
+    model.config = dataclasses.replace(model.config, first_click_multimask=True)
 
 
 @dataclass

@@ -9,15 +9,21 @@ from torch import Tensor
 
 
 def dice_ce_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """MONAI ``DiceCELoss(sigmoid=True, squared_pred=True)`` as SAM-Med3D trains with it.
+    """MONAI ``DiceCELoss(sigmoid=True, squared_pred=True)`` as SAM-Med3D trains with it: the
+    mean of :func:`dice_ce_per_mask` (masks of one size, so the same as Dice mean + BCE mean)."""
+    return dice_ce_per_mask(logits, target).mean()
+
+
+def dice_ce_per_mask(logits: Tensor, target: Tensor) -> Tensor:
+    """Soft Dice loss (squared denominators, smooth 1e-5) plus mean binary cross-entropy, per
+    mask: SAM's multimask rule trains only the best of a click's candidate masks.
 
     Args:
-        logits: (B, 1, D, H, W) mask logits (upsampled to the target's size by the caller).
-        target: (B, 1, D, H, W) bool or {0, 1}.
+        logits: (B, C, D, H, W) mask logits (upsampled to the target's size by the caller).
+        target: (B, 1, D, H, W) bool or {0, 1}, shared by the C masks.
 
     Returns:
-        Scalar: mean over the batch of soft Dice loss (squared denominators, smooth 1e-5) plus
-        the mean binary cross-entropy over voxels.
+        (B, C) losses.
     """
     target = target.to(logits.dtype)
     prob = logits.sigmoid()
@@ -25,7 +31,8 @@ def dice_ce_loss(logits: Tensor, target: Tensor) -> Tensor:
     inter = (prob * target).sum(dims)
     denom = prob.square().sum(dims) + target.square().sum(dims)
     dice = 1.0 - (2.0 * inter + 1e-5) / (denom + 1e-5)
-    return dice.mean() + F.binary_cross_entropy_with_logits(logits, target)
+    bce = F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none")
+    return dice + bce.mean(dims)
 
 
 def mask_iou(logits: Tensor, target: Tensor) -> Tensor:
