@@ -30,10 +30,6 @@ COMMON=(--cases .device_carry/real_train.safetensors --val-cases .device_carry/v
 STUDENT=(--set embed_dim=384 --set num_heads=6)
 TEACHER=(--arch sam_med3d --set window_size=0 --set swap_pe_axes=false --set duplicate_sine=false
   --set official_rel_pos=false --set window_pad_unmasked=false --set num_point_embeddings=4)
-launch() {  # NAME ARGS...: run `fastsam3d ARGS --out /tmp/NAME` in the background
-  local name=$1; shift
-  python3 -m fastsam3d "$@" --out "/tmp/$name" --overwrite "${COMMON[@]}" > "/tmp/$name.stdout" 2>&1 &
-}
 if [ "$PHASE" = teacher ]; then
   launch teacher train "${TEACHER[@]}" --lr 4e-4
   RUNS=teacher
@@ -46,10 +42,7 @@ else
   RUNS="student_decoupled student_progressive student_dynamic student_progressive_rel"
 fi
 wait
-for r in $RUNS; do
-  echo "== $r"; tail -c 600 "/tmp/$r.stdout" | tr '\r' '\n' | tail -3
-  cp "/tmp/$r.stdout" "/tmp/$r/stdout.txt"; tail -2 "/tmp/$r/val.csv"
-done
+progress
 pack_runs $RUNS
 if [ "$PHASE" != teacher ]; then  # the best student comes back (a teacher is too big for a call)
   best=$(for r in $RUNS; do python3 -c "import json,sys; print(json.load(open('/tmp/$r/state.json'))['best']['score'], '$r')"; done | sort -g | tail -1 | cut -d' ' -f2)

@@ -1,7 +1,27 @@
-# Shell functions the device scripts share (sourced by device_study.sh and device_distill.sh).
-# Runs live in /tmp/NAME (log.csv, val.csv, state.json, stdout.txt); what comes back goes to $OUT.
+# Shell functions the device scripts share (sourced by device_study.sh, device_distill.sh and
+# device_multimask.sh). Runs live in /tmp/NAME (log.csv, val.csv, state.json, stdout.txt); what
+# comes back goes to $OUT. $RUNS names the script's runs.
 
-pack_runs() {  # RUN...: the runs' logs as $OUT/runs.tar.gz
+launch() {  # NAME ARGS...: `fastsam3d ARGS --out /tmp/NAME --overwrite ${COMMON[@]}`, detached
+  # (setsid: it goes on between device calls; still this shell's child, so `wait` works)
+  local name=$1; shift
+  setsid python3 -m fastsam3d "$@" --out "/tmp/$name" --overwrite "${COMMON[@]}" \
+    > "/tmp/$name.stdout" 2>&1 < /dev/null &
+}
+
+progress() {  # the last progress line and validation rows of each run
+  for r in $RUNS; do
+    echo "== $r $(tail -c 400 "/tmp/$r.stdout" | tr '\r' '\n' | grep -v '^\s*$' | tail -1)"
+    tail -2 "/tmp/$r/val.csv" 2>/dev/null
+  done
+}
+
+wait_runs() {  # until every training process has ended
+  while pgrep -f "fastsam3d (train|finetune|distill)" > /dev/null; do sleep 5; done
+}
+
+pack_runs() {  # RUN...: the runs' logs (and console output) as $OUT/runs.tar.gz
+  for r in "$@"; do cp "/tmp/$r.stdout" "/tmp/$r/stdout.txt" 2>/dev/null; done
   tar czf "$OUT/runs.tar.gz" -C /tmp $(for r in "$@"; do echo "$r/log.csv $r/val.csv $r/state.json $r/stdout.txt"; done)
 }
 
@@ -10,6 +30,22 @@ fetch() {  # RUN/NAME...: int8 copies in 15 MiB parts (the tool returns files up
   for w in "$@"; do
     python3 -m fastsam3d convert "/tmp/$w.safetensors" "/tmp/${w/\//_}.int8.safetensors" --dtype int8 \
       && split -b 15m "/tmp/${w/\//_}.int8.safetensors" "$OUT/${w/\//_}_part_"
+  done
+  ls -la "$OUT"
+}
+
+fetch_decoder() {  # RUN/NAME...: the prompt encoder + mask decoder only, fp16 (~15 MB each), of
+  # runs whose image encoder stayed frozen; `python scripts/merge_decoder.py` makes a model again
+  for w in "$@"; do
+    python3 - "/tmp/$w.safetensors" "$OUT/${w/\//_}.decoder.safetensors" <<'PY'
+import sys
+from safetensors import safe_open
+from safetensors.torch import save_file
+with safe_open(sys.argv[1], "pt") as f:
+    keep = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("image_encoder.")}
+    meta = f.metadata()
+save_file({k: v.half() if v.is_floating_point() else v for k, v in keep.items()}, sys.argv[2], meta)
+PY
   done
   ls -la "$OUT"
 }

@@ -20,12 +20,6 @@ set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 RUNS="attn_dense attn_dilated finetune"
 . "$(dirname "$0")/device_lib.sh"
-progress() {
-  for r in $RUNS; do
-    echo "== $r $(tail -c 400 "/tmp/$r.stdout" | tr '\r' '\n' | grep -v '^\s*$' | tail -1)"
-    tail -2 "/tmp/$r/val.csv" 2>/dev/null
-  done
-}
 case $1 in
 start)
   MIN=$2
@@ -36,21 +30,16 @@ start)
   COMMON=(--cases .device_carry/real_train.safetensors --val-cases .device_carry/val_select.safetensors
     --val-every 150 --steps 1000000 --batch-size 16 --targets 4 --pool 384 --rounds 5 --box-prob 0.2
     --real-fraction 0.25 --seed 0 --save-every 400 --synthetic planes=0.5 --synthetic structures=24
-    --synthetic min_radius=1.5 --max-minutes "$MIN" --overwrite)
+    --synthetic min_radius=1.5 --max-minutes "$MIN")
   STUDENT=(--set embed_dim=384 --set num_heads=6 --lr 5e-4)
-  setsid python3 -m fastsam3d train "${STUDENT[@]}" --set attention=global --out /tmp/attn_dense \
-    "${COMMON[@]}" > /tmp/attn_dense.stdout 2>&1 < /dev/null &
-  setsid python3 -m fastsam3d train "${STUDENT[@]}" --out /tmp/attn_dilated \
-    "${COMMON[@]}" > /tmp/attn_dilated.stdout 2>&1 < /dev/null &
-  setsid python3 -m fastsam3d finetune --from fastsam3d/weights/default.safetensors --lr 1e-4 \
-    --out /tmp/finetune "${COMMON[@]}" > /tmp/finetune.stdout 2>&1 < /dev/null &
+  launch attn_dense train "${STUDENT[@]}" --set attention=global
+  launch attn_dilated train "${STUDENT[@]}"
+  launch finetune finetune --from fastsam3d/weights/default.safetensors --lr 1e-4
   sleep 90; progress ;;
 watch)
   sleep 540; progress ;;
 finish)
-  while pgrep -f "fastsam3d (train|finetune)" > /dev/null; do sleep 5; done
-  progress
-  for r in $RUNS; do cp "/tmp/$r.stdout" "/tmp/$r/stdout.txt"; done
+  wait_runs; progress
   pack_runs $RUNS
   fetch attn_dense/best attn_dilated/best ;;
 fetch)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 7, session 11: the shipped default fine-tuned with SAM's multimask first click
+# (`finetune --multimask`: the 3 multimask outputs start as copies of the single one, the best
+# of them learns on each first click, and a session answers a first click with whichever of the
+# 4 outputs has the highest predicted IoU), on one lent GPU in four calls on one warm machine.
+#   here:    bash scripts/prepare_device_data.sh    (carry .device_carry)
+#   call 1:  bash scripts/device_multimask.sh start MIN   three runs for MIN minutes side by side:
+#            mm_frozen      image encoder frozen (prompt encoder + decoder train), lr 1e-4
+#            mm_frozen_lr3  the same at lr 3e-4
+#            mm_full        the whole model, lr 5e-5
+#   call 2:  bash scripts/device_multimask.sh watch   progress, returns after ~9 minutes
+#   call 3:  bash scripts/device_multimask.sh finish  waits for the runs; returns their logs and the
+#            frozen runs' best and last prompt encoder + decoder (fp16, the encoder is the default's)
+#   call 4:  bash scripts/device_multimask.sh fetch   mm_full's best and last weights (int8)
+#   here:    bash scripts/eval45.sh MODEL runs/eval_NAME   (decoder-only files: merge them with the
+#            default's image encoder first, `python scripts/merge_decoder.py PART OUT`)
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+RUNS="mm_frozen mm_frozen_lr3 mm_full"
+. "$(dirname "$0")/device_lib.sh"
+case $1 in
+start)
+  MIN=$2
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  COMMON=(--cases .device_carry/real_train.safetensors --val-cases .device_carry/val_select.safetensors
+    --val-every 150 --steps 1000000 --batch-size 16 --targets 4 --pool 384 --rounds 5 --box-prob 0.2
+    --real-fraction 0.25 --seed 0 --save-every 400 --synthetic planes=0.5 --synthetic structures=24
+    --synthetic min_radius=1.5 --max-minutes "$MIN")
+  FT=(finetune --from fastsam3d/weights/default.safetensors --multimask)
+  launch mm_frozen "${FT[@]}" --freeze-encoder --lr 1e-4
+  launch mm_frozen_lr3 "${FT[@]}" --freeze-encoder --lr 3e-4
+  launch mm_full "${FT[@]}" --lr 5e-5
+  sleep 120; progress ;;
+watch)
+  sleep 540; progress ;;
+finish)
+  wait_runs; progress
+  pack_runs $RUNS
+  fetch_decoder mm_frozen/best mm_frozen/model mm_frozen_lr3/best mm_frozen_lr3/model ;;
+fetch)
+  fetch mm_full/best mm_full/model ;;
+esac
