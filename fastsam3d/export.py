@@ -1,6 +1,6 @@
 """ONNX export (``fastsam3d export-onnx``) and an onnxruntime predictor that needs no torch.
 
-Two graphs, as the interactive loop uses them:
+Two graphs (three for some models), as the interactive loop uses them:
 
 * ``encoder.onnx``: ``image`` (1, 1, S, S, S) normalised crop -> ``embedding`` (1, C, S/16, ...).
 * ``decoder.onnx``: prompt encoder + mask decoder: ``embedding``, ``point_coords`` (1, N, 3)
@@ -10,6 +10,9 @@ Two graphs, as the interactive loop uses them:
   ``mask_input`` (1, 1, S/4, S/4, S/4) previous low-res logits (zeros on a first click) ->
   ``low_res_logits`` (1, 1, S/4, ...) and ``iou`` (1, 1). :class:`OnnxPredictor` adds the
   padding point or the box corners, so boxes work wherever the model has box embeddings.
+* ``decoder_first.onnx``, only for models with ``first_click_multimask``: the same with all 4
+  outputs (1, 4, ...), (1, 4), from which a lone first click takes the one of highest IoU (a
+  second graph, so that refinements keep decoding the single output only).
 
 :class:`OnnxPredictor` has the :class:`~fastsam3d.predictor.Predictor` methods on numpy arrays
 with onnxruntime's CPU backend, so the Slicer module and light clients can run without torch,
@@ -36,14 +39,15 @@ if TYPE_CHECKING:
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+FIRST_CLICK_FILE = "decoder_first.onnx"
 META_FILE = "onnx_meta.json"
 OPSET = 17
 FORMAT = 2  # 2: padding and box corners are decoder inputs (1: padding inside, clicks only)
 
 
-def _click_module(model: torch.nn.Module) -> torch.nn.Module:
+def _click_module(model: torch.nn.Module, outputs: range | None = None) -> torch.nn.Module:
     """The prompt encoder + mask decoder on labelled points (clicks, padding, box corners) as
-    one module (dense PE a constant)."""
+    one module (dense PE a constant); ``outputs`` as in the mask decoder (None: the single)."""
     import torch
 
     class Click(torch.nn.Module):
@@ -56,7 +60,7 @@ def _click_module(model: torch.nn.Module) -> torch.nn.Module:
         def forward(self, embedding, point_coords, point_labels, mask_input):
             sparse = self.prompt_encoder.embed_points(point_coords, point_labels)
             dense = self.prompt_encoder.mask_downscaling(mask_input)
-            return self.mask_decoder(embedding, self.dense_pe, sparse, dense, False)
+            return self.mask_decoder(embedding, self.dense_pe, sparse, dense, False, outputs)
 
     return Click().eval()
 
@@ -99,22 +103,27 @@ def export_onnx(
             torch.tensor([[1, 0, -1]]),
             torch.zeros(1, 1, low, low, low),
         )
-        torch.onnx.export(
-            _click_module(model),
-            inputs,
-            str(dec_path),
-            input_names=["embedding", "point_coords", "point_labels", "mask_input"],
-            output_names=["low_res_logits", "iou"],
-            dynamic_axes={"point_coords": {1: "n_points"}, "point_labels": {1: "n_points"}},
-            opset_version=opset,
-            dynamo=False,
-        )
+        graphs = [(dec_path, None)]
+        if model.config.first_click_multimask:
+            graphs.append((out / FIRST_CLICK_FILE, range(model.mask_decoder.num_mask_tokens)))
+        for path, outputs in graphs:
+            torch.onnx.export(
+                _click_module(model, outputs),
+                inputs,
+                str(path),
+                input_names=["embedding", "point_coords", "point_labels", "mask_input"],
+                output_names=["low_res_logits", "iou"],
+                dynamic_axes={"point_coords": {1: "n_points"}, "point_labels": {1: "n_points"}},
+                opset_version=opset,
+                dynamo=False,
+            )
     meta = {
         "format": FORMAT,
         "img_size": size,
         "low_res": low,
         "opset": opset,
         "accepts_boxes": model.config.accepts_boxes,
+        "first_click_multimask": model.config.first_click_multimask,
         "config": model.config.to_dict(),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -125,7 +134,8 @@ class OnnxPredictor:
     """Predictor on onnxruntime (CPU), with the :class:`~fastsam3d.predictor.Predictor`
     interface a :class:`~fastsam3d.session.Session` uses: ``set_image`` (with an embedding
     cache keyed by crop), then ``predict``. Inputs may be numpy arrays or CPU torch tensors;
-    outputs are numpy arrays. Clicks and boxes; multimask output is not exported.
+    outputs are numpy arrays. Clicks and boxes; the 3 multimask outputs alone are not exported,
+    all 4 are for models with ``first_click_multimask``.
 
     Args:
         folder: where :func:`export_onnx` wrote its files.
@@ -134,7 +144,6 @@ class OnnxPredictor:
     """
 
     device = "cpu"
-    first_click_multimask = False  # the exported decoder has the single output only
 
     def __init__(self, folder: str | Path, threads: int | None = None, cache_size: int = 16):
         try:
@@ -157,12 +166,22 @@ class OnnxPredictor:
                 "run fastsam3d export-onnx again"
             )
         self.accepts_boxes = bool(self.meta["accepts_boxes"])
+        self.first_click_multimask = bool(self.meta.get("first_click_multimask", False))
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
         self._encoder = ort.InferenceSession(str(folder / ENCODER_FILE), opts, providers=providers)
         self._decoder = ort.InferenceSession(str(folder / DECODER_FILE), opts, providers=providers)
+        self._first_click = None
+        if self.first_click_multimask:
+            if not (folder / FIRST_CLICK_FILE).is_file():
+                raise FastSAM3DError(
+                    f"{folder}: missing {FIRST_CLICK_FILE}; run fastsam3d export-onnx"
+                )
+            self._first_click = ort.InferenceSession(
+                str(folder / FIRST_CLICK_FILE), opts, providers=providers
+            )
         self._embedding: np.ndarray | None = None
         self._cache = EmbeddingCache(cache_size)
         self.encoder_calls = 0
@@ -198,19 +217,24 @@ class OnnxPredictor:
         self._embedding = None
 
     def predict(
-        self, points=None, labels=None, box=None, mask_input=None, multimask: bool = False
+        self, points=None, labels=None, box=None, mask_input=None, multimask: bool | str = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """Clicks (N, 3) crop voxels and labels (N,) (1 positive, 0 negative) and/or a box (2, 3)
         low/high corners, optional previous low-res logits (1, 1, L, L, L) -> low-res logits
-        (1, 1, L, L, L), iou (1, 1)."""
+        (1, 1, L, L, L), iou (1, 1); with ``multimask="all"`` (models with
+        ``first_click_multimask``) all 4 outputs, (1, 4, L, L, L) and (1, 4)."""
         if self._embedding is None:
             raise RuntimeError("call set_image() before predict()")
         if box is not None and not self.accepts_boxes:
             raise PromptError("this model was not trained with box prompts; use clicks instead")
         if points is None and box is None:
             raise PromptError("give at least one click or a box")
-        if multimask:
-            raise ValueError("the exported decoder has the single-mask output only")
+        decoder = self._first_click if multimask == "all" else self._decoder
+        if multimask and decoder is None:
+            raise ValueError(
+                "this export has the single output only (and all 4 for models "
+                "with first_click_multimask)"
+            )
         coords: list[np.ndarray] = []
         codes: list[np.ndarray] = []
         if points is not None:
@@ -225,7 +249,7 @@ class OnnxPredictor:
         low = self.meta["low_res"]
         if mask_input is None:
             mask_input = np.zeros((1, 1, low, low, low), np.float32)
-        logits, iou = self._decoder.run(
+        logits, iou = decoder.run(
             None,
             {
                 "embedding": self._embedding,

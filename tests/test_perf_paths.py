@@ -181,6 +181,36 @@ def test_onnx_matches_torch(tmp_path):
         assert dice(torch.from_numpy(got) > 0, ref > 0) >= 0.99
 
 
+def test_onnx_first_click_graph_of_a_multimask_model(tmp_path):
+    """A model with ``first_click_multimask`` exports a second decoder graph with all 4 outputs,
+    which the onnxruntime predictor answers a lone first click from, as torch does."""
+    pytest.importorskip("onnxruntime")
+    from fastsam3d.export import OnnxPredictor, export_onnx
+    from fastsam3d.training.loop import start_multimask_from_single
+
+    model = _small_model()
+    start_multimask_from_single(model)
+    with torch.no_grad():
+        model.mask_decoder.iou_prediction_head.layers[-1].bias += torch.tensor([0, 1.0, -1, 0])
+    export_onnx(model, tmp_path)
+    crop, click = synthetic_crop()
+    ref_p, ort_p = Predictor(model, "cpu"), OnnxPredictor(tmp_path)
+    assert ref_p.first_click_multimask and ort_p.first_click_multimask
+    ref_p.set_image(crop)
+    ort_p.set_image(crop.numpy())
+    zeros = torch.zeros(1, 1, 32, 32, 32)  # a session's first-click mask prompt
+    for multimask in (False, "all"):
+        ref, ref_iou = ref_p.predict(
+            torch.tensor(click[None]).float(), [1], mask_input=zeros, multimask=multimask
+        )
+        got, got_iou = ort_p.predict(
+            click[None], [1], mask_input=zeros.numpy(), multimask=multimask
+        )
+        assert got.shape == tuple(ref.shape) and got_iou.shape == (1, 4 if multimask else 1)
+        np.testing.assert_allclose(got, ref.numpy(), atol=1e-4)
+        np.testing.assert_allclose(got_iou, ref_iou.numpy(), atol=1e-4)
+
+
 def test_session_runs_on_the_onnx_folder(tmp_path):
     """A Session given an export-onnx folder runs onnxruntime (CPU) with the embedding cache,
     and its masks are the torch session's, from clicks and from a box; wrong or outdated
