@@ -18,15 +18,10 @@
 # Runs in one call share the GPU, so they are compared with each other, not with runs alone.
 # $OUT gets runs.tar.gz (log.csv, val.csv, state.json of every run) and weights split into
 # 15 MiB parts (the tool returns files up to 16 MiB): `cat RUN_best_part_* > RUN.safetensors`.
-set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PHASE=$1 MIN=$2
 . "$(dirname "$0")/device_lib.sh"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-COMMON=(--cases .device_carry/real_train.safetensors --val-cases .device_carry/val_select.safetensors
-  --val-every 150 --steps 1000000 --batch-size 16 --targets 4 --pool 384 --rounds 5 --box-prob 0.2
-  --real-fraction 0.25 --seed 0 --save-every 400 --synthetic planes=0.5 --synthetic structures=24
-  --synthetic min_radius=1.5 --max-minutes "$MIN")
+gpu_info
+v5_recipe "$MIN"
 STUDENT=(--set embed_dim=384 --set num_heads=6)
 TEACHER=(--arch sam_med3d --set window_size=0 --set swap_pe_axes=false --set duplicate_sine=false
   --set official_rel_pos=false --set window_pad_unmasked=false --set num_point_embeddings=4)

@@ -2,6 +2,19 @@
 # device_multimask.sh). Runs live in /tmp/NAME (log.csv, val.csv, state.json, stdout.txt); what
 # comes back goes to $OUT. $RUNS names the script's runs.
 
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+
+gpu_info() { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; }
+
+v5_recipe() {  # MIN: COMMON = v5's data and click recipe (real cases, synthetic settings, batch
+  # 16 x 4 targets, 5 rounds, box 0.2) with validation on the selection set, for MIN minutes
+  COMMON=(--cases .device_carry/real_train.safetensors --val-cases .device_carry/val_select.safetensors
+    --val-every 150 --steps 1000000 --batch-size 16 --targets 4 --pool 384 --rounds 5 --box-prob 0.2
+    --real-fraction 0.25 --seed 0 --save-every 400 --synthetic planes=0.5 --synthetic structures=24
+    --synthetic min_radius=1.5 --max-minutes "$1")
+}
+
 launch() {  # NAME ARGS...: `fastsam3d ARGS --out /tmp/NAME --overwrite ${COMMON[@]}`, detached
   # (setsid: it goes on between device calls; still this shell's child, so `wait` works)
   local name=$1; shift

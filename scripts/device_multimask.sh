@@ -14,18 +14,12 @@
 #   call 4:  bash scripts/device_multimask.sh fetch   mm_full's best and last weights (int8)
 #   here:    bash scripts/eval45.sh MODEL runs/eval_NAME   (decoder-only files: merge them with the
 #            default's image encoder first, `python scripts/merge_decoder.py PART OUT`)
-set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 RUNS="mm_frozen mm_frozen_lr3 mm_full"
 . "$(dirname "$0")/device_lib.sh"
 case $1 in
 start)
-  MIN=$2
-  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  COMMON=(--cases .device_carry/real_train.safetensors --val-cases .device_carry/val_select.safetensors
-    --val-every 150 --steps 1000000 --batch-size 16 --targets 4 --pool 384 --rounds 5 --box-prob 0.2
-    --real-fraction 0.25 --seed 0 --save-every 400 --synthetic planes=0.5 --synthetic structures=24
-    --synthetic min_radius=1.5 --max-minutes "$MIN")
+  MIN=$2; gpu_info
+  v5_recipe "$MIN"
   FT=(finetune --from fastsam3d/weights/default.safetensors --multimask)
   launch mm_frozen "${FT[@]}" --freeze-encoder --lr 1e-4
   launch mm_frozen_lr3 "${FT[@]}" --freeze-encoder --lr 3e-4

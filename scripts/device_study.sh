@@ -16,21 +16,15 @@
 #   here:    bash scripts/eval45.sh NAME.safetensors runs/eval_NAME   the 45-label evaluation, on
 #            the CPU: the device image has neither nibabel nor MONAI (session 10 tried it there).
 # Runs sharing the GPU are compared with each other, not with runs alone.
-set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 RUNS="attn_dense attn_dilated finetune"
 . "$(dirname "$0")/device_lib.sh"
 case $1 in
 start)
-  MIN=$2
-  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  MIN=$2; gpu_info
   timeout 240 python3 benchmarks/bench_model.py --checkpoint fastsam3d/weights/default.safetensors \
     --repeats 30 --sparse --out "$OUT/gpu_bench_default.jsonl" 2>&1 | tail -40
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_perf_paths.py -k cuda 2>&1 | tail -3
-  COMMON=(--cases .device_carry/real_train.safetensors --val-cases .device_carry/val_select.safetensors
-    --val-every 150 --steps 1000000 --batch-size 16 --targets 4 --pool 384 --rounds 5 --box-prob 0.2
-    --real-fraction 0.25 --seed 0 --save-every 400 --synthetic planes=0.5 --synthetic structures=24
-    --synthetic min_radius=1.5 --max-minutes "$MIN")
+  v5_recipe "$MIN"
   STUDENT=(--set embed_dim=384 --set num_heads=6 --lr 5e-4)
   launch attn_dense train "${STUDENT[@]}" --set attention=global
   launch attn_dilated train "${STUDENT[@]}"
