@@ -13,7 +13,13 @@ from fastsam3d.cli._common import console, user_errors
 
 @app.command("export-onnx")
 def export_onnx_command(
-    out_dir: Annotated[Path, typer.Argument(help="Folder for encoder.onnx and decoder.onnx.")],
+    out_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder for encoder.onnx and decoder.onnx (and decoder_first.onnx for models "
+            "trained with finetune --multimask)."
+        ),
+    ],
     model: Annotated[
         str, typer.Option(help="'default' (bundled weights) or a checkpoint file.")
     ] = "default",
@@ -27,15 +33,16 @@ def export_onnx_command(
 
     with user_errors():
         predictor, name = load_predictor(model, "cpu")
+        first = " (+ decoder_first.onnx)" if predictor.first_click_multimask else ""
         if not check:
             enc, dec = export_onnx(predictor.model, out_dir)
-            console.print(f"wrote {enc} and {dec} ({name})")
+            console.print(f"wrote {enc} and {dec}{first} ({name})")
             return
         from fastsam3d.bench import bench_onnx
 
         row = bench_onnx(lambda: predictor.model, out_dir)
     console.print(
-        f"wrote {out_dir}/encoder.onnx and decoder.onnx ({name}); onnxruntime vs torch on the "
+        f"wrote {out_dir}/encoder.onnx and decoder.onnx{first} ({name}); onnxruntime vs torch on the "
         f"CPU: max |logit diff| {row['max_abs_logit_diff']:.1e}, mask Dice {row['dice']:.4f}, "
         f"encoder {row['ort_encoder_ms']:.0f} vs {row['torch_encoder_ms']:.0f} ms, click "
         f"{row['ort_click_ms']:.1f} vs {row['torch_click_ms']:.1f} ms"
