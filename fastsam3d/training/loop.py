@@ -7,7 +7,9 @@
   probability ``box_prob``, a jittered bounding box), later clicks fall in the error region of the
   previous prediction (positive on misses, negative on false positives). Clicks accumulate, as a
   :class:`fastsam3d.Session` sends them. Loss per round: Dice + cross-entropy on the mask
-  upsampled to the crop, plus the IoU head's MSE; averaged over rounds.
+  upsampled to the crop, plus the IoU head's MSE; averaged over rounds. For models with
+  ``first_click_multimask`` the first click also trains SAM's multimask outputs
+  (:func:`start_multimask_from_single`, ``finetune --multimask``).
 * :func:`run` owns the rest: fused AdamW, warm-up + cosine schedule (driven by steps or by the
   wall-clock budget, whichever is further along, so a time-limited run still anneals), bf16
   autocast on CUDA, gradient clipping, resumable checkpoints (weights in safetensors, optimizer
