@@ -496,8 +496,9 @@ class Session:
             box = torch.tensor(np.stack([lo, hi]), dtype=torch.float32)
         # a lone first click: "part or whole?" is answered by the output with the highest
         # predicted IoU, for models trained so (ModelConfig.first_click_multimask)
-        lone = len(clicks) == 1 and box is None and not mask_in.any()
-        multimask = "all" if pred.first_click_multimask and lone else False
+        # (the flag first: other models never scan the mask prompt, a host sync on a GPU)
+        lone = pred.first_click_multimask and len(clicks) == 1 and box is None
+        multimask = "all" if lone and not mask_in.any() else False
         low_res, iou = pred.predict(
             points, labels, box=box, mask_input=mask_in, multimask=multimask
         )
