@@ -15,10 +15,11 @@ v5_recipe() {  # MIN: COMMON = v5's data and click recipe (real cases, synthetic
     --synthetic min_radius=1.5 --max-minutes "$1")
 }
 
-launch() {  # NAME ARGS...: `fastsam3d ARGS --out /tmp/NAME --overwrite ${COMMON[@]}`, detached
-  # (setsid: it goes on between device calls; still this shell's child, so `wait` works)
-  local name=$1; shift
-  setsid python3 -m fastsam3d "$@" --out "/tmp/$name" --overwrite "${COMMON[@]}" \
+launch() {  # NAME COMMAND ARGS...: `fastsam3d COMMAND ${COMMON[@]} ARGS --out /tmp/NAME --overwrite`,
+  # detached (setsid: it goes on between device calls; still this shell's child, so `wait` works);
+  # ARGS come after COMMON, so a run's own option overrides the recipe's
+  local name=$1 cmd=$2; shift 2
+  setsid python3 -m fastsam3d "$cmd" "${COMMON[@]}" "$@" --out "/tmp/$name" --overwrite \
     > "/tmp/$name.stdout" 2>&1 < /dev/null &
 }
 
