@@ -51,9 +51,12 @@ class Predictor:
             encoder runs in bfloat16, from a copy whose Linear and convolution weights are
             stored so (:func:`bf16_matrix_weights`; autocast would cast every weight again on
             every call): about 2x faster where the CPU has bfloat16 matrix units (AMX,
-            AVX512-BF16; elsewhere bfloat16 is emulated). The click path stays float32 there:
-            in bfloat16 it was no faster, and oneDNN compiled a kernel for every new number of
-            prompts (~12 ms on each of a session's first clicks; benchmarks/NOTES.md).
+            AVX512-BF16; elsewhere bfloat16 is emulated). Of the click path only the mask
+            decoder's output upscaling runs in bfloat16 there (:func:`bf16_upscaling`: two
+            transposed convolutions of fixed shape, ~300 M multiply-adds, 6.1 -> 3.6 ms of a
+            one-thread click); the rest stays float32: in bfloat16 it was no faster, and oneDNN
+            compiled a kernel for every new number of prompts (~12 ms on each of a session's
+            first clicks; benchmarks/NOTES.md).
         compile: None (eager), ``"cudagraphs"`` (CUDA only: encoder and click captured once per
             prompt shape and replayed, which removes the kernel-launch and host overhead that
             dominates a 128^3 click on a GPU), ``"inductor"`` (``torch.compile``; mode
@@ -100,10 +103,12 @@ class Predictor:
             raise ValueError("quantize='int8' and dtype='bf16' both speed up the encoder: pick one")
         m = self.model = model.to(self.device).eval()
         encoder = quantize_linear_int8(m.image_encoder) if quantize else m.image_encoder
+        decoder = m.mask_decoder
         if dtype == "bf16" and self.device.type == "cpu":
-            encoder = bf16_matrix_weights(encoder)
-        if encoder is not m.image_encoder:  # the caller's model (maybe shared) keeps its own
-            self.model = Sam3D(encoder, m.prompt_encoder, m.mask_decoder, m.config).eval()
+            encoder, decoder = bf16_matrix_weights(encoder), bf16_upscaling(decoder)
+        # the caller's model (maybe shared) keeps its own parts
+        if encoder is not m.image_encoder or decoder is not m.mask_decoder:
+            self.model = Sam3D(encoder, m.prompt_encoder, decoder, m.config).eval()
         self.dtype = dtype
         self.compile = compile
         if click_threads == "auto":
@@ -373,6 +378,20 @@ def bf16_matrix_weights(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, kinds):
             module.to(torch.bfloat16)
     return model
+
+
+def bf16_upscaling(decoder: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a mask decoder whose output upscaling convolutions' weights are stored in
+    bfloat16, so that on the CPU their matrix products run in bfloat16 and everything else,
+    their biases too, in float32 (``modeling.mask_decoder._patch_deconv``); a decoder already
+    so is returned as is."""
+    if decoder.output_upscaling[0].weight.dtype == torch.bfloat16:
+        return decoder
+    decoder = copy.deepcopy(decoder)
+    for conv in decoder.output_upscaling:
+        if isinstance(conv, torch.nn.ConvTranspose3d):
+            conv.weight = torch.nn.Parameter(conv.weight.detach().bfloat16(), requires_grad=False)
+    return decoder
 
 
 UNTRAINED = "untrained"

@@ -71,19 +71,24 @@ def test_int8_leaves_the_callers_model_float():
 
 def test_cpu_bf16_stores_the_encoders_matrix_weights_in_a_copy():
     """On the CPU, bf16 keeps the image encoder's Linear and convolution weights in bfloat16
-    (no per-call casts) and its norms in float32; the click path (prompt encoder, decoder)
-    stays float32, and the caller's model is left float32."""
+    (no per-call casts) and its norms in float32; of the click path only the decoder's output
+    upscaling convolutions are bfloat16 (fixed shapes), and the caller's model is left
+    float32."""
     model = _small_model()
     pred = Predictor(model, "cpu", dtype="bf16")
     block = pred.model.image_encoder.blocks[0]
     assert block.mlp.lin1.weight.dtype == torch.bfloat16
     assert pred.model.image_encoder.patch_embed.proj.weight.dtype == torch.bfloat16
     assert block.norm2.weight.dtype == torch.float32
-    assert pred.model.mask_decoder is model.mask_decoder
-    assert pred.model.mask_decoder.output_upscaling[0].weight.dtype == torch.float32
+    decoder = pred.model.mask_decoder
+    assert decoder.output_upscaling[0].weight.dtype == torch.bfloat16
+    assert decoder.output_upscaling[1].weight.dtype == torch.float32  # its LayerNorm
+    assert decoder.transformer.layers[0].mlp.lin1.weight.dtype == torch.float32
+    assert pred.model.prompt_encoder is model.prompt_encoder
     assert all(p.dtype == torch.float32 for p in model.parameters())
     shared = pred.share().model  # the server's sessions share one bf16 copy
     assert shared.image_encoder is pred.model.image_encoder
+    assert shared.mask_decoder is decoder
     from fastsam3d.server.app import session_factory
 
     make, base, _ = session_factory(model, "cpu", "bf16")

@@ -136,8 +136,12 @@ def _patch_weight(conv: nn.ConvTranspose3d) -> torch.Tensor:
 
 def _patch_deconv(conv: nn.ConvTranspose3d, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Stride-2, kernel-2 transposed conv on channels-last voxels (B, M, C_in) ->
-    (B, M * 8, C_out): each voxel becomes its 2^3 patch; ``weight`` from :func:`_patch_weight`."""
-    y = (x @ weight).reshape(x.shape[0], x.shape[1] * 8, conv.out_channels)
+    (B, M * 8, C_out): each voxel becomes its 2^3 patch; ``weight`` from :func:`_patch_weight`.
+
+    A weight stored in another dtype than ``x`` (bfloat16 in ``Predictor(dtype="bf16")`` on
+    the CPU) sets the product's dtype; the result keeps ``x``'s."""
+    y = x @ weight if x.dtype == weight.dtype else (x.to(weight.dtype) @ weight).to(x.dtype)
+    y = y.reshape(x.shape[0], x.shape[1] * 8, conv.out_channels)
     if conv.bias is not None:  # added in place: addmm's copy of the broadcast bias cost more
         y.add_(conv.bias)
     return y

@@ -209,6 +209,8 @@ class TwoWayTransformer3D(nn.Module):
         """
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
+        if not keys.is_cuda:  # the CPU adds them 5 times: contiguous, a click is ~0.5 ms faster
+            keys, key_pe = keys.contiguous(), key_pe.contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
