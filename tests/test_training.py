@@ -448,3 +448,31 @@ def test_multimask_first_click_starts_from_the_single_output_and_trains_the_best
     moved = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters()) for m in mlps]
     assert moved[0] and sum(moved[1:]) >= 1, moved
     assert 0 <= metrics["dice1"] <= 1
+
+
+def test_dice_ce_is_monais_with_its_gradient_in_closed_form(monkeypatch) -> None:
+    """The fused loss is MONAI's DiceCELoss(sigmoid, squared_pred), as SAM-Med3D trains with it,
+    per mask; its closed-form gradient matches autograd's, also over several CPU slices."""
+    from monai.losses import DiceCELoss
+
+    from fastsam3d.training import losses
+
+    monkeypatch.setattr(losses, "CPU_LOSS_CHUNK", 64)  # 1,000 voxels: 16 slices
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 2, 10, 10, 10) * 3).requires_grad_()
+    target = torch.rand(3, 1, 10, 10, 10) > 0.6
+    per_mask = losses.dice_ce_per_mask(logits, target)
+    for c in range(2):
+        monai = DiceCELoss(sigmoid=True, squared_pred=True)(logits[:, c : c + 1], target.float())
+        torch.testing.assert_close(per_mask[:, c].mean(), monai)
+    weights = torch.rand(3, 2)
+    (grad,) = torch.autograd.grad((per_mask * weights).sum(), logits)
+    prob = logits.sigmoid()
+    t = target.float()
+    plain = 1 - (2 * (prob * t).sum((2, 3, 4)) + 1e-5) / (
+        prob.square().sum((2, 3, 4)) + t.sum((2, 3, 4)) + 1e-5
+    ) + torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, t.expand_as(logits), reduction="none"
+    ).mean((2, 3, 4))
+    (expected,) = torch.autograd.grad((plain * weights).sum(), logits)
+    torch.testing.assert_close(grad, expected)
