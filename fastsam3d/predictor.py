@@ -53,7 +53,7 @@ class Predictor:
             every call): about 2x faster where the CPU has bfloat16 matrix units (AMX,
             AVX512-BF16; elsewhere bfloat16 is emulated). Of the click path only the mask
             decoder's output upscaling runs in bfloat16 there (:func:`bf16_upscaling`: two
-            transposed convolutions of fixed shape, ~300 M multiply-adds, 6.1 -> 3.6 ms of a
+            transposed convolutions of fixed shape, ~300 M multiply-adds, 6.1 -> ~4 ms of a
             one-thread click); the rest stays float32: in bfloat16 it was no faster, and oneDNN
             compiled a kernel for every new number of prompts (~12 ms on each of a session's
             first clicks; benchmarks/NOTES.md).
