@@ -33,6 +33,7 @@ import numpy as np
 
 from fastsam3d.cache import EmbeddingCache
 from fastsam3d.errors import FastSAM3DError, PromptError
+from fastsam3d.transforms import MODEL_SPACING_MM
 
 if TYPE_CHECKING:
     import torch
@@ -167,6 +168,8 @@ class OnnxPredictor:
             )
         self.accepts_boxes = bool(self.meta["accepts_boxes"])
         self.first_click_multimask = bool(self.meta.get("first_click_multimask", False))
+        config = self.meta.get("config", {})
+        self.crop_spacing_mm = float(config.get("crop_spacing_mm", MODEL_SPACING_MM))
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

@@ -20,6 +20,7 @@ import torch
 from fastsam3d.cache import EmbeddingCache
 from fastsam3d.errors import PromptError
 from fastsam3d.modeling import Sam3D
+from fastsam3d.transforms import MODEL_SPACING_MM
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -138,6 +139,11 @@ class Predictor:
         """Whether a lone first click is answered by the best of all 4 outputs
         (``predict(multimask="all")``; see :class:`~fastsam3d.registry.ModelConfig`)."""
         return bool(getattr(self.model.config, "first_click_multimask", False))
+
+    @property
+    def crop_spacing_mm(self) -> float:
+        """Voxel size of the crops a Session samples for this model (``ModelConfig``)."""
+        return float(getattr(self.model.config, "crop_spacing_mm", MODEL_SPACING_MM))
 
     @property
     def img_size(self) -> int:

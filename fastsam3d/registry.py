@@ -26,6 +26,7 @@ from fastsam3d.modeling import (
     Sam3D,
     TwoWayTransformer3D,
 )
+from fastsam3d.transforms import MODEL_SPACING_MM
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class ModelConfig:
     ``first_click_multimask``: the checkpoint was trained (``finetune --multimask``) to answer a
     lone first click with whichever of its 4 outputs (the single one and the 3 multimask ones)
     has the highest predicted IoU (SAM's answer to "part or whole?"); else the single output.
+
+    ``crop_spacing_mm``: the voxel size of the crops a :class:`~fastsam3d.session.Session`
+    samples for this model. Training and the official preprocessing use 1.5 mm (the default);
+    the bundled v5 answers clicks better on 1.0 mm crops (128 mm instead of 192 mm across:
+    MODEL_CARD.md, "Crop spacing"), so its checkpoint says so.
 
     Quirk switches (True/"official" = reproduce the released code, SPEC §13):
     ``fs3d_block_order`` (norm2 applied to x + attn), ``mlp_residual_after_norm`` (MLP-only
@@ -72,6 +78,7 @@ class ModelConfig:
     num_point_embeddings: int = 2
     num_multimask_outputs: int = 3
     first_click_multimask: bool = False
+    crop_spacing_mm: float = MODEL_SPACING_MM
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
     decoder_depth: int = 2

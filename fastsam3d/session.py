@@ -66,6 +66,8 @@ from fastsam3d.io.read import Volume
 from fastsam3d.predictor import Predictor, cpu_threads, load_predictor
 from fastsam3d.prompts import PromptEvent, PromptLog, decode_mask, encode_mask
 from fastsam3d.transforms import (
+    CROP_SIZE,
+    MODEL_SPACING_MM,
     SLAB_VOXELS,
     CropGrid,
     native_bbox,
@@ -175,6 +177,9 @@ class Session:
         max_new_tiles: how many neighbouring tiles one interaction may grow into (policy step
             4; 0, the default, grows none).
         history: how many steps undo keeps.
+        crop_spacing: mm per voxel of the crops a click opens; None (default) takes the
+            model's (``ModelConfig.crop_spacing_mm``: 1.0 for the bundled model, 1.5 for the
+            official ones).
     """
 
     margin = 8  # crop voxels: a click closer than this to a tile face opens a new tile
@@ -191,11 +196,15 @@ class Session:
         click_history: str = "all",
         max_new_tiles: int = 0,
         history: int = 32,
+        crop_spacing: float | None = None,
     ):
         if isinstance(model, Predictor | OnnxPredictor):
             self.predictor, self.model_name = model, "predictor"
         else:
             self.predictor, self.model_name = load_predictor(model, device, dtype=dtype)
+        self.crop_spacing = self.predictor.crop_spacing_mm if crop_spacing is None else crop_spacing
+        if not 0.1 <= self.crop_spacing <= 10:
+            raise PromptError(f"the crop spacing must be 0.1 to 10 mm, got {self.crop_spacing}")
         if click_history not in ("all", "last"):
             raise ValueError("click_history must be 'all' or 'last'")
         self.protect = protect
@@ -296,10 +305,17 @@ class Session:
             t0 = time.perf_counter()
             before = dict(self._objects)
             center = (np.asarray(box[0]) + np.asarray(box[1])) / 2
-            grid = CropGrid.around(center, snap_mm=self.snap_mm)
+            grid = CropGrid.around(center, self._box_spacing(box), snap_mm=self.snap_mm)
             obj = replace(self._objects[oid], box=box, tiles=(), clicks=())
             tile, iou = self._predict(grid, obj, torch.zeros(1, 1, 32, 32, 32))
             return self._commit(oid, obj, [tile], before, t0, iou)
+
+    def _box_spacing(self, box: Box3) -> float:
+        """Crop spacing for a box: the session's, or coarser (up to the training's 1.5 mm)
+        where the box would not fit inside the crop's margins: the model sees the box whole."""
+        extent = float(np.max(np.asarray(box[1]) - np.asarray(box[0])))
+        fit = extent / (CROP_SIZE - 2 * self.margin)
+        return max(self.crop_spacing, min(fit, MODEL_SPACING_MM))
 
     def new_object(self, object_id: int | None = None) -> int:
         """Create an object (next free label id unless given) and make it active; undoable."""
@@ -448,7 +464,7 @@ class Session:
         if tile is not None:
             grid, mask_in = tile.grid, tile.logits
         else:
-            grid = CropGrid.around(ras, snap_mm=self.snap_mm)
+            grid = CropGrid.around(ras, self.crop_spacing, snap_mm=self.snap_mm)
             mask_in = self._carried_mask(obj, grid)
         new_tile, iou = self._predict(grid, obj, mask_in)
         return self._commit(oid, obj, self._grow([new_tile], obj), before, t0, iou)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -188,12 +189,14 @@ def test_onnx_matches_torch(tmp_path):
 
 def test_onnx_first_click_graph_of_a_multimask_model(tmp_path):
     """A model with ``first_click_multimask`` exports a second decoder graph with all 4 outputs,
-    which the onnxruntime predictor answers a lone first click from, as torch does."""
+    which the onnxruntime predictor answers a lone first click from, as torch does; the
+    model's crop spacing travels with the export."""
     pytest.importorskip("onnxruntime")
     from fastsam3d.export import OnnxPredictor, export_onnx
     from fastsam3d.training.loop import start_multimask_from_single
 
     model = _small_model()
+    model.config = dataclasses.replace(model.config, crop_spacing_mm=1.0)
     start_multimask_from_single(model)
     with torch.no_grad():
         model.mask_decoder.iou_prediction_head.layers[-1].bias += torch.tensor([0, 1.0, -1, 0])
@@ -201,6 +204,7 @@ def test_onnx_first_click_graph_of_a_multimask_model(tmp_path):
     crop, click = synthetic_crop()
     ref_p, ort_p = Predictor(model, "cpu"), OnnxPredictor(tmp_path)
     assert ref_p.first_click_multimask and ort_p.first_click_multimask
+    assert ref_p.crop_spacing_mm == ort_p.crop_spacing_mm == 1.0
     ref_p.set_image(crop)
     ort_p.set_image(crop.numpy())
     zeros = torch.zeros(1, 1, 32, 32, 32)  # a session's first-click mask prompt

@@ -294,3 +294,30 @@ def test_a_lone_first_click_takes_the_multimask_output_of_highest_iou():
     s.reset()
     s.add_point((20, 20, 20))
     torch.testing.assert_close(s._objects[1].tiles[0].logits, low[:, 3:4])
+
+
+def test_crops_take_the_models_spacing_and_a_box_is_seen_whole():
+    """A click's crop has the model's crop spacing (1.0 mm for the bundled model) unless the
+    session sets another; a box too large for such a crop gets a coarser one, up to the
+    training's 1.5 mm, so that the model sees it whole."""
+    torch.manual_seed(0)
+    model = build_model(
+        "fastsam3d_dilated", embed_dim=48, depth=3, num_heads=3, out_chans=32,
+        prompt_embed_dim=32, num_point_embeddings=4, crop_spacing_mm=1.0,
+    )  # fmt: skip
+    s = Session(model, device="cpu")
+    s.set_volume(_volume(spacing=4.0))  # 192 x 160 x 144 mm
+    s.add_point((20, 20, 20))
+    assert s.crop_spacing == 1.0 and s._objects[1].tiles[-1].grid.spacing == 1.0
+
+    def box_crop(hi: tuple[int, int, int]) -> float:
+        s.add_box((2, 2, 2), hi)
+        return s._objects[s.active_object].tiles[-1].grid.spacing
+
+    assert box_crop((20, 20, 20)) == 1.0  # 72 mm: fits inside a 128 mm crop's margins
+    assert box_crop((32, 32, 32)) == pytest.approx(120 / 112)  # just fits at that spacing
+    assert box_crop((47, 39, 35)) == 1.5  # 180 mm: as large as the training spacing allows
+    assert Session(model, device="cpu", crop_spacing=1.5).crop_spacing == 1.5
+    assert Session(_tiny_model(), device="cpu").crop_spacing == 1.5  # the official models'
+    with pytest.raises(PromptError, match="crop spacing"):
+        Session(model, device="cpu", crop_spacing=0.0)

@@ -74,6 +74,13 @@ def evaluate(
             "face (default: the session's, 0: one 128^3 crop per click)."
         ),
     ] = None,
+    crop_spacing: Annotated[
+        float | None,
+        typer.Option(
+            help="mm per voxel of the 128^3 crops (default: the model's; 1.0 for the bundled "
+            "model, 1.5 for the official ones)."
+        ),
+    ] = None,
     box: Annotated[
         bool | None, typer.Option(help="CVPR 2025 box protocol (default: if the model has boxes).")
     ] = None,
@@ -114,7 +121,7 @@ def evaluate(
         if max_tiles is not None and max_tiles < 0:
             raise PromptError("--max-tiles must be 0 or more")
         tiles = {} if max_tiles is None else {"max_new_tiles": max_tiles}
-        session = make_session(model, device, dtype=dtype, **tiles)
+        session = make_session(model, device, dtype=dtype, crop_spacing=crop_spacing, **tiles)
         rows = []
         progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
