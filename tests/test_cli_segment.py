@@ -75,27 +75,28 @@ def test_default_model_without_weights_says_so(data, tmp_path: Path, monkeypatch
 
 def test_readme_command_segments_the_sample_liver_with_the_bundled_model(tmp_path: Path):
     """README command 1 (no --model): the bundled default weights find the liver (label 5),
-    from a click and from a box plus a click."""
+    from two clicks (the second where the first mask missed most, as `evaluate` places it) and
+    from a box plus a click."""
     from fastsam3d.sample_data import load_sample
     from fastsam3d.weights import default_checkpoint
 
     if default_checkpoint() is None:
         pytest.skip("no default weights bundled")
     out = tmp_path / "liver.nii.gz"
-    run = run_cli("segment", "sample", "-o", out, "--point", "92,51,100")
+    clicks = ("--point", "92,51,100", "--point", "71,70,107")
+    run = run_cli("segment", "sample", "-o", out, *clicks)
     assert run.returncode == 0, run.stderr
     mask = load_volume(out).array > 0
     liver = load_sample()[1] == 5
     dice = 2 * (mask & liver).sum() / (mask.sum() + liver.sum())
-    assert dice > 0.6, dice  # 0.724 measured when v5 was shipped
+    assert dice > 0.6, dice  # 0.679 measured with v5 on 1.0 mm crops (session 12)
     # --dtype bf16 (bfloat16 matrix products): the same liver within the fast paths' bound
     bf16 = tmp_path / "liver_bf16.nii.gz"
-    run = run_cli("segment", "sample", "-o", bf16, "--point", "92,51,100", "--dtype", "bf16",
-                  "--json")  # fmt: skip
+    run = run_cli("segment", "sample", "-o", bf16, *clicks, "--dtype", "bf16", "--json")
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["dtype"] == "bf16"
     other = load_volume(bf16).array > 0
-    assert 2 * (mask & other).sum() / (mask.sum() + other.sum()) >= 0.99  # 0.9997 measured
+    assert 2 * (mask & other).sum() / (mask.sum() + other.sum()) >= 0.99  # 0.9994 measured
     # a box around the liver (its reference bounding box), then the same click
     run = run_cli(
         "segment", "sample", "-o", out, "--box", "37,25,69,104,86,111", "--point", "92,51,100",
@@ -104,7 +105,7 @@ def test_readme_command_segments_the_sample_liver_with_the_bundled_model(tmp_pat
     assert run.returncode == 0, run.stderr
     mask = load_volume(out).array > 0
     dice = 2 * (mask & liver).sum() / (mask.sum() + liver.sum())
-    assert dice > 0.65, dice  # 0.762 measured when v5 was shipped
+    assert dice > 0.65, dice  # 0.762 measured (a box this large gets a 1.5 mm crop)
 
 
 @pytest.mark.slow
