@@ -28,8 +28,11 @@ class SessionPlugin(WorkerPlugin):
 
     name = PLUGIN_NAME
 
-    def __init__(self, model: str, device: str, dtype: str = "fp32"):
+    def __init__(
+        self, model: str, device: str, dtype: str = "fp32", crop_spacing: float | None = None
+    ):
         self.model, self.device, self.dtype = model, device, dtype
+        self.crop_spacing = crop_spacing
         self.session = None
         self.error = ""
         self.lock = threading.Lock()
@@ -38,15 +41,18 @@ class SessionPlugin(WorkerPlugin):
         from fastsam3d.session import Session
 
         try:
-            self.session = Session(model=self.model, device=self.device, dtype=self.dtype)
+            self.session = Session(
+                model=self.model, device=self.device, dtype=self.dtype,
+                crop_spacing=self.crop_spacing,
+            )  # fmt: skip
         except FastSAM3DError as err:
             self.error = str(err)
 
     def __getstate__(self) -> dict:  # the lock and the session never travel
-        return {"model": self.model, "device": self.device, "dtype": self.dtype}
+        return {k: getattr(self, k) for k in ("model", "device", "dtype", "crop_spacing")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model"], state["device"], state["dtype"])
+        self.__init__(**state)
 
 
 def segment_on_worker(case: Case, overwrite: bool) -> CaseResult:
@@ -74,6 +80,7 @@ def run_batch_dask(
     scheduler: str = "local",
     *,
     dtype: str = "fp32",
+    crop_spacing: float | None = None,
     overwrite: bool = False,
     resume: bool = False,
     workers: int = 1,
@@ -85,6 +92,8 @@ def run_batch_dask(
         model: ``"default"`` or a checkpoint path (loaded on every worker).
         device: device on the workers.
         dtype: ``"fp32"`` or ``"bf16"`` (see :class:`~fastsam3d.predictor.Predictor`).
+        crop_spacing: the sessions' crop spacing (None: the model's; see
+            :class:`~fastsam3d.session.Session`).
         scheduler: ``"local"`` starts a ``LocalCluster`` of ``workers`` workers (one thread each;
             a single worker runs in this process); anything else is a scheduler address.
         overwrite, resume: as :func:`fastsam3d.batch.run_batch`.
@@ -111,7 +120,7 @@ def run_batch_dask(
     else:
         client = Client(scheduler)
     try:
-        client.register_plugin(SessionPlugin(model, device, dtype), name=PLUGIN_NAME)
+        client.register_plugin(SessionPlugin(model, device, dtype, crop_spacing), name=PLUGIN_NAME)
         futures = [client.submit(segment_on_worker, case, overwrite, pure=False) for case in todo]
         for future in as_completed(futures):
             yield future.result()

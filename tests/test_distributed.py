@@ -34,11 +34,13 @@ def test_dask_local_cluster_batch(tmp_path: Path):
 
 
 def test_session_plugin_travels_with_its_dtype():
-    """What a worker rebuilds its session from: model, device and dtype, not the session."""
+    """What a worker rebuilds its session from: model, device, dtype and crop spacing, not the
+    session."""
     import pickle
 
-    plugin = pickle.loads(pickle.dumps(SessionPlugin("m.safetensors", "cpu", "bf16")))
+    plugin = pickle.loads(pickle.dumps(SessionPlugin("m.safetensors", "cpu", "bf16", 1.5)))
     assert (plugin.model, plugin.device, plugin.dtype) == ("m.safetensors", "cpu", "bf16")
+    assert plugin.crop_spacing == 1.5
     assert plugin.session is None
 
 

@@ -33,6 +33,16 @@ DtypeOption = Annotated[
     ),
 ]
 
+#: ``--crop-spacing`` of the commands that open a Session (``Session(crop_spacing=...)``)
+CropSpacingOption = Annotated[
+    float | None,
+    typer.Option(
+        help="mm per voxel of the 128^3 crops a click opens (default: the model's; 1.0 for the "
+        "bundled model, 1.5 for the official ones; 1.5 shows a large organ more whole after "
+        "one click, 1.0 scored better on average: MODEL_CARD.md).",
+    ),
+]
+
 
 def setup_logging(verbose: int, quiet: bool) -> None:
     """Default: fastsam3d warnings only (third-party warnings, e.g. optional decoders that are

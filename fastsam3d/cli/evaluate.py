@@ -11,7 +11,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fastsam3d.cli import app
-from fastsam3d.cli._common import DtypeOption, console, print_json, setup_logging, user_errors
+from fastsam3d.cli._common import (
+    CropSpacingOption,
+    DtypeOption,
+    console,
+    print_json,
+    setup_logging,
+    user_errors,
+)
 from fastsam3d.errors import PromptError, VolumeError
 
 REPORT_STEPS = (1, 3, 5, 10)
@@ -74,13 +81,7 @@ def evaluate(
             "face (default: the session's, 0: one 128^3 crop per click)."
         ),
     ] = None,
-    crop_spacing: Annotated[
-        float | None,
-        typer.Option(
-            help="mm per voxel of the 128^3 crops (default: the model's; 1.0 for the bundled "
-            "model, 1.5 for the official ones)."
-        ),
-    ] = None,
+    crop_spacing: CropSpacingOption = None,
     box: Annotated[
         bool | None, typer.Option(help="CVPR 2025 box protocol (default: if the model has boxes).")
     ] = None,

@@ -27,6 +27,7 @@ from fastsam3d.cli import app
 from fastsam3d.cli._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    CropSpacingOption,
     DtypeOption,
     console,
     print_json,
@@ -121,6 +122,7 @@ def segment(
     ] = "default",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: DtypeOption = "fp32",
+    crop_spacing: CropSpacingOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     resume: Annotated[bool, typer.Option(help="Batch: skip cases whose output exists.")] = False,
     suffix: Annotated[str, typer.Option(help="Batch: output file extension.")] = ".nii.gz",
@@ -154,6 +156,7 @@ def segment(
                 model=model,
                 device=device,
                 dtype=dtype,
+                crop_spacing=crop_spacing,
                 overwrite=overwrite,
                 resume=resume,
                 suffix=suffix,
@@ -170,7 +173,9 @@ def segment(
                 "no prompts: give at least one --point X,Y,Z, --box X0,Y0,Z0,X1,Y1,Z1 "
                 "or --prompts FILE"
             )
-        _run_single(input, output, single, model, device, dtype, overwrite, json_output, quiet)
+        _run_single(
+            input, output, single, model, device, dtype, crop_spacing, overwrite, json_output, quiet
+        )
 
 
 def _run_single(
@@ -180,6 +185,7 @@ def _run_single(
     model: str,
     device: str,
     dtype: str,
+    crop_spacing: float | None,
     overwrite: bool,
     json_output: bool,
     quiet: bool,
@@ -190,7 +196,7 @@ def _run_single(
         raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
     volume = load_input(input)
     prompts.check(volume)
-    session = make_session(model, device, dtype=dtype)
+    session = make_session(model, device, dtype=dtype, crop_spacing=crop_spacing)
     result = segment_volume(
         session, volume, prompts, output, overwrite, name=case_name(Path(input))
     )
@@ -215,6 +221,7 @@ def _run_batch(
     model: str,
     device: str,
     dtype: str,
+    crop_spacing: float | None,
     overwrite: bool,
     resume: bool,
     suffix: str,
@@ -252,7 +259,7 @@ def _run_batch(
         progress.update(task, description=f"[bold]{case.name}[/bold]")
 
     if dask is None:
-        session = make_session(model, device, dtype=dtype)
+        session = make_session(model, device, dtype=dtype, crop_spacing=crop_spacing)
         results_iter = run_batch(
             session, plan, overwrite=overwrite, resume=resume, on_start=on_start
         )
@@ -270,6 +277,7 @@ def _run_batch(
             device,
             dask,
             dtype=dtype,
+            crop_spacing=crop_spacing,
             overwrite=overwrite,
             resume=resume,
             workers=workers,
