@@ -212,6 +212,13 @@ class FastSAM3DWidget(Container):
             "with AMX or AVX512-BF16 (masks Dice >= 0.99 against float32); slower on CPUs "
             "without them (fastsam3d doctor says) and, measured, on a GPU",
         )
+        self._crop = ComboBox(
+            label="Crop",
+            choices=[("the model's", 0.0), ("1.0 mm: 128 mm", 1.0), ("1.5 mm: 192 mm", 1.5)],
+            tooltip="Voxel size of the 128^3 crop a click opens. The model's: 1.0 mm for the "
+            "bundled model (scored best on average), 1.5 mm for the official ones; 1.5 mm shows "
+            "a large organ more whole after one click. Applies from Start.",
+        )
         self._start_btn = PushButton(text="Start segmenting")
         self._object_label = Label(label="Object", value="-")
         buttons = [
@@ -268,6 +275,7 @@ class FastSAM3DWidget(Container):
                 self._checkpoint,
                 self._device,
                 self._dtype,
+                self._crop,
                 self._start_btn,
                 self._object_label,
                 *rows,
@@ -398,7 +406,9 @@ class FastSAM3DWidget(Container):
         self._autosave_path = self._choose_autosave_path(volume) if self._autosave.value else None
         self._first_click = True
         self._status.value = "loading the model…"
-        self._submit(partial(self._open_session, (model, device, dtype), volume), self._on_started)
+        crop = float(self._crop.value)
+        key = (model, device, dtype)
+        self._submit(partial(self._open_session, key, volume, crop), self._on_started)
 
     @staticmethod
     def _started(layer) -> bool:
@@ -407,12 +417,14 @@ class FastSAM3DWidget(Container):
             show_info("FastSAM3D: choose an image and press Start first")
         return layer is not None
 
-    def _open_session(self, key: tuple[str, str, str], volume: Volume) -> _Result:
-        """Worker: build the session if (model, device, dtype) changed, then set the volume."""
+    def _open_session(self, key: tuple[str, str, str], volume: Volume, crop: float) -> _Result:
+        """Worker: build the session if (model, device, dtype) changed, set its crop spacing
+        (0: the model's), then the volume."""
         if self._session is None or self._session_key != key:
             self._session, self._session_key = None, None
             self._session = self.session_factory(*key)
             self._session_key = key
+        self._session.crop_spacing = crop or self._session.predictor.crop_spacing_mm
         self._session.set_volume(volume)
         return self._snapshot(None)
 

@@ -357,3 +357,17 @@ def test_precision_choice_reaches_the_session(
         _idle(qtbot, widget)
         assert widget.labels_layer.data.any()
     widget._worker.stop()
+
+
+def test_crop_control_sets_the_sessions_crop_spacing(started, qtbot):
+    """The Crop control applies from Start: a fixed spacing, or back to the model's."""
+    widget = started[2]
+    assert widget._session.crop_spacing == widget._session.predictor.crop_spacing_mm
+    widget._crop.value = 1.0
+    widget.start()
+    _idle(qtbot, widget)
+    assert widget._session.crop_spacing == 1.0
+    widget._crop.value = 0.0
+    widget.start()
+    _idle(qtbot, widget)
+    assert widget._session.crop_spacing == widget._session.predictor.crop_spacing_mm
