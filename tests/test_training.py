@@ -476,3 +476,18 @@ def test_dice_ce_is_monais_with_its_gradient_in_closed_form(monkeypatch) -> None
     ).mean((2, 3, 4))
     (expected,) = torch.autograd.grad((plain * weights).sum(), logits)
     torch.testing.assert_close(grad, expected)
+
+
+def test_real_crops_and_validation_use_the_models_crop_spacing(tmp_path: Path) -> None:
+    """A model with ``crop_spacing_mm`` trains and is judged on real crops of that spacing: an
+    object takes (1.5 / 1.0)^3 as many voxels in a 1.0 mm crop as in a 1.5 mm one."""
+    from fastsam3d.training.data import prepare_cases
+    from fastsam3d.training.validate import CropValidator
+
+    _nifti_case(tmp_path / "data" / "case1")
+    cases = prepare_cases([tmp_path / "data"])
+    coarse, fine = (CropValidator(cases, size=64, spacing=s) for s in (1.5, 1.0))
+    ratio = fine.targets[0].sum().item() / coarse.targets[0].sum().item()
+    assert ratio == pytest.approx(1.5**3, rel=0.1)  # label 1, 30 x 40 x 32 mm, fits both
+    source = BatchSource(2, torch.device("cpu"), cases=cases, synthetic=SYN, crop_spacing=1.0)
+    assert source.real.spacing == 1.0

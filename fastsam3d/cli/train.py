@@ -163,7 +163,7 @@ def _run_click_training(
     synth, synth_given = _synthetic(synthetic, model.config.img_size)
     dev = resolve_device(device)
     real = _cases(data, cases, save_cases, dev)  # inputs first: a bad file stops before any write
-    validate = _validator(val_cases, dev, model.config.img_size)
+    validate = _validator(val_cases, dev, model.config)
     _prepare_out(out, resume, overwrite)
     if steps == 0:
         return
@@ -177,7 +177,7 @@ def _run_click_training(
     )  # fmt: skip
     source = BatchSource(
         batch_size, dev, seed, real, real_fraction if real else 0.0,
-        synth, targets, pool,
+        synth, targets, pool, crop_spacing=model.config.crop_spacing_mm,
     )  # fmt: skip
     gen = torch.Generator(device=dev).manual_seed(seed + 1)
 
@@ -189,14 +189,16 @@ def _run_click_training(
     _report_done(state, out)
 
 
-def _validator(val_cases: Path | None, device, size: int):
-    """A :class:`CropValidator` of ``--val-cases`` (None without them)."""
+def _validator(val_cases: Path | None, device, config):
+    """A :class:`CropValidator` of ``--val-cases`` (None without them), on crops of the model's
+    size and spacing."""
     if val_cases is None:
         return None
     from fastsam3d.training.data import load_cases
     from fastsam3d.training.validate import CropValidator
 
-    validator = CropValidator(load_cases(val_cases, device), size=size)
+    cases = load_cases(val_cases, device)
+    validator = CropValidator(cases, size=config.img_size, spacing=config.crop_spacing_mm)
     console.print(f"validating on {len(validator)} held-out objects from {val_cases}")
     return validator
 
@@ -379,7 +381,7 @@ def distill(
             student_model, teacher_model, schedule, rounds, box_prob, feature_loss
         )
         real = _cases(data, cases, None, dev)  # inputs first: a bad file stops before any write
-        validate = _validator(val_cases, dev, student_model.config.img_size)
+        validate = _validator(val_cases, dev, student_model.config)
         _prepare_out(out, resume, overwrite)
         cfg = LoopConfig(
             steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
@@ -391,7 +393,7 @@ def distill(
         )  # fmt: skip
         source = BatchSource(
             batch_size, dev, seed, real, real_fraction if real else 0.0,
-            synth, targets, pool,
+            synth, targets, pool, crop_spacing=student_model.config.crop_spacing_mm,
         )  # fmt: skip
         state = run(student_model, distiller.objective, source, cfg, out, extra=distiller,
                     resume=resume, console=console, validate=validate)  # fmt: skip

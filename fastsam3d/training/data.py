@@ -213,11 +213,18 @@ def _augment_affine(affine: np.ndarray, pivot: np.ndarray, rng: np.random.Genera
 class RealCropSampler:
     """Random augmented crops of real objects (see module docstring)."""
 
-    def __init__(self, cases: list[Case], seed: int = 0, size: int = CROP_SIZE) -> None:
+    def __init__(
+        self,
+        cases: list[Case],
+        seed: int = 0,
+        size: int = CROP_SIZE,
+        spacing: float = MODEL_SPACING_MM,
+    ) -> None:
         if not cases:
             raise FastSAM3DError("RealCropSampler needs at least one case with objects")
         self.cases = cases
         self.size = size
+        self.spacing = spacing  # mm per crop voxel: the model's crop_spacing_mm
         self.index = [(ci, v) for ci, c in enumerate(cases) for v in c.objects]
         self.rng = np.random.default_rng(seed)
 
@@ -238,7 +245,7 @@ class RealCropSampler:
             ras = (case.affine @ np.append(voxel, 1.0))[:3]
             affine = _augment_affine(case.affine, ras, self.rng)
             centre = ras + self.rng.uniform(-6.0, 6.0, size=3)  # the Session snaps crop origins
-            grid = CropGrid.around(centre, size=self.size)
+            grid = CropGrid.around(centre, self.spacing, size=self.size)
             image = sample_crop(case.image, affine, grid)
             target = sample_crop(case.label == value, affine, grid) > 0.5
             click = torch.as_tensor(np.round(grid.ras_to_crop(ras)), dtype=torch.long)

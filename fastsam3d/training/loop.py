@@ -43,7 +43,7 @@ from fastsam3d.simulate import Rule, next_click
 from fastsam3d.training.data import Case, RealCropSampler
 from fastsam3d.training.losses import dice_ce_loss, dice_ce_per_mask, iou_head_loss
 from fastsam3d.training.synthetic import SyntheticConfig, generate, pick_targets
-from fastsam3d.transforms import normalize_crop
+from fastsam3d.transforms import MODEL_SPACING_MM, normalize_crop
 
 
 @dataclass
@@ -68,6 +68,8 @@ class BatchSource:
     synthetic volumes come from a pool kept on the device (each drawn one flipped and
     transposed at random, with fresh targets and intensity jitter) of which ``refresh``
     are regenerated every batch: the generator costs more than a training step on a GPU.
+    Real crops are sampled at ``crop_spacing`` mm per voxel (the model's ``crop_spacing_mm``,
+    so that a model trains at the spacing it is used at).
     """
 
     def __init__(
@@ -81,12 +83,15 @@ class BatchSource:
         targets_per_image: int = 1,
         pool_size: int = 0,
         refresh: int = 2,
+        crop_spacing: float = MODEL_SPACING_MM,
     ) -> None:
         self.batch_size = batch_size
         self.device = device
         self.synthetic = synthetic or SyntheticConfig()
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.real = RealCropSampler(cases, seed=seed, size=self.synthetic.size) if cases else None
+        self.real = (
+            RealCropSampler(cases, seed, self.synthetic.size, crop_spacing) if cases else None
+        )
         self.n_real = round(batch_size * real_fraction) if cases else 0
         self.targets = targets_per_image
         self.refresh = refresh

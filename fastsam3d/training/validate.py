@@ -24,7 +24,13 @@ from torch import nn
 from fastsam3d.errors import FastSAM3DError
 from fastsam3d.training.data import Case
 from fastsam3d.training.loop import Batch, click_loss
-from fastsam3d.transforms import CROP_SIZE, CropGrid, normalize_crop, sample_crop
+from fastsam3d.transforms import (
+    CROP_SIZE,
+    MODEL_SPACING_MM,
+    CropGrid,
+    normalize_crop,
+    sample_crop,
+)
 
 
 class CropValidator:
@@ -35,16 +41,23 @@ class CropValidator:
         rounds: prompts per object (Dice is reported after each).
         chunk: objects per forward pass.
         size: crop size (the model's ``img_size``).
+        spacing: mm per crop voxel (the model's ``crop_spacing_mm``: judged as it is used).
     """
 
     def __init__(
-        self, cases: list[Case], rounds: int = 5, chunk: int = 8, size: int = CROP_SIZE
+        self,
+        cases: list[Case],
+        rounds: int = 5,
+        chunk: int = 8,
+        size: int = CROP_SIZE,
+        spacing: float = MODEL_SPACING_MM,
     ) -> None:
         images, targets = [], []
         for case in cases:
             for value, voxels in case.objects.items():
                 centre_vox = voxels.double().mean(0).cpu().numpy()
-                grid = CropGrid.around((case.affine @ np.append(centre_vox, 1.0))[:3], size=size)
+                centre = (case.affine @ np.append(centre_vox, 1.0))[:3]
+                grid = CropGrid.around(centre, spacing, size=size)
                 images.append(normalize_crop(sample_crop(case.image, case.affine, grid)))
                 targets.append(sample_crop(case.label == value, case.affine, grid) > 0.5)
         keep = [i for i, t in enumerate(targets) if t.any()]
