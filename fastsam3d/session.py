@@ -202,9 +202,7 @@ class Session:
             self.predictor, self.model_name = model, "predictor"
         else:
             self.predictor, self.model_name = load_predictor(model, device, dtype=dtype)
-        self.crop_spacing = self.predictor.crop_spacing_mm if crop_spacing is None else crop_spacing
-        if not 0.1 <= self.crop_spacing <= 10:
-            raise PromptError(f"the crop spacing must be 0.1 to 10 mm, got {self.crop_spacing}")
+        self.crop_spacing = crop_spacing
         if click_history not in ("all", "last"):
             raise ValueError("click_history must be 'all' or 'last'")
         self.protect = protect
@@ -213,6 +211,19 @@ class Session:
         self.history = history
         self._lock = threading.RLock()
         self._volume: Volume | None = None
+
+    @property
+    def crop_spacing(self) -> float:
+        """mm per voxel of the crops new clicks open."""
+        return self._crop_spacing
+
+    @crop_spacing.setter
+    def crop_spacing(self, value: float | None) -> None:
+        """Set it; None takes the model's (``ModelConfig.crop_spacing_mm``)."""
+        value = self.predictor.crop_spacing_mm if value is None else float(value)
+        if not 0.1 <= value <= 10:
+            raise PromptError(f"the crop spacing must be 0.1 to 10 mm, got {value}")
+        self._crop_spacing = value
 
     # ------------------------------------------------------------------ state
     def set_volume(self, volume: Volume) -> None:

@@ -424,7 +424,7 @@ class FastSAM3DWidget(Container):
             self._session, self._session_key = None, None
             self._session = self.session_factory(*key)
             self._session_key = key
-        self._session.crop_spacing = crop or self._session.predictor.crop_spacing_mm
+        self._session.crop_spacing = crop or None  # 0: the model's
         self._session.set_volume(volume)
         return self._snapshot(None)
 
