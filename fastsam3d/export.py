@@ -124,7 +124,6 @@ def export_onnx(
         "low_res": low,
         "opset": opset,
         "accepts_boxes": model.config.accepts_boxes,
-        "first_click_multimask": model.config.first_click_multimask,
         "config": model.config.to_dict(),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -167,8 +166,8 @@ class OnnxPredictor:
                 "run fastsam3d export-onnx again"
             )
         self.accepts_boxes = bool(self.meta["accepts_boxes"])
-        self.first_click_multimask = bool(self.meta.get("first_click_multimask", False))
         config = self.meta.get("config", {})
+        self.first_click_multimask = bool(config.get("first_click_multimask", False))
         self.crop_spacing_mm = float(config.get("crop_spacing_mm", MODEL_SPACING_MM))
         opts = ort.SessionOptions()
         if threads:
@@ -233,7 +232,7 @@ class OnnxPredictor:
         if points is None and box is None:
             raise PromptError("give at least one click or a box")
         decoder = self._first_click if multimask == "all" else self._decoder
-        if multimask and decoder is None:
+        if multimask is True or decoder is None:
             raise ValueError(
                 "this export has the single output only (and all 4 for models "
                 "with first_click_multimask)"

@@ -218,6 +218,8 @@ def test_onnx_first_click_graph_of_a_multimask_model(tmp_path):
         assert got.shape == tuple(ref.shape) and got_iou.shape == (1, 4 if multimask else 1)
         np.testing.assert_allclose(got, ref.numpy(), atol=1e-4)
         np.testing.assert_allclose(got_iou, ref_iou.numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="single output only"):  # the 3 alone: not exported
+        ort_p.predict(click[None], [1], mask_input=zeros.numpy(), multimask=True)
 
 
 def test_session_runs_on_the_onnx_folder(tmp_path):
