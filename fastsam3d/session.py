@@ -39,6 +39,8 @@ Crop policy (how one model crop of 128^3 voxels at 1.5 mm = 192 mm covers any ob
    clicks its uncovered part.
 5. Tiles are stitched on the native grid: each tile's logits are mapped back (trilinear, on the
    logits) and, where tiles overlap, the most recently predicted tile wins.
+6. A box prompt bounds its object: the mask is cut to the box until a positive click lands
+   outside it (the box was drawn too small). A new box replaces the object's mask.
 
 Several objects: each has its own clicks, tiles and mask. With ``protect=True`` (default) the
 voxels of other objects are never overwritten: an object only claims voxels that are background
@@ -50,6 +52,7 @@ again exactly.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -319,7 +322,8 @@ class Session:
             grid = CropGrid.around(center, self._box_spacing(box), snap_mm=self.snap_mm)
             obj = replace(self._objects[oid], box=box, tiles=(), clicks=())
             tile, iou = self._predict(grid, obj, torch.zeros(1, 1, 32, 32, 32))
-            return self._commit(oid, obj, [tile], before, t0, iou)
+            # the box replaces the object: its old mask is cleared wherever the new tile is not
+            return self._commit(oid, obj, [tile], before, t0, iou, clear=_mask_box(obj.mask))
 
     def _box_spacing(self, box: Box3) -> float:
         """Crop spacing for a box: the session's, or coarser (up to the training's 1.5 mm)
@@ -604,9 +608,13 @@ class Session:
         before: dict[int, _Object],
         t0: float,
         iou: float,
+        clear: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Edit:
-        """Stitch the new tiles into the object's mask and the label map, record the step."""
+        """Stitch the new tiles into the object's mask and the label map, record the step.
+        ``clear``: a native box [lo, hi) where the object's old mask is dropped too."""
         tiles, lo, hi = self._stitch_frame(obj, new_tiles)
+        if clear is not None:
+            lo, hi = np.minimum(lo, clear[0]), np.maximum(hi, clear[1])
         affine, shape = self.volume.affine, self.label_map.shape
         canvas = torch.zeros(tuple(hi - lo), dtype=torch.bool, device=self.predictor.device)
         # Later tiles win where tiles overlap; True voxels lie only in the pasted boxes. The
@@ -614,6 +622,10 @@ class Session:
         # threads made them 5x slower (88 vs 15 ms), on an idle one 2x faster.
         with cpu_threads(getattr(self.predictor, "click_threads", None)):
             pasted = [paste_crop_mask(canvas, lo, t.logits, t.grid, affine, shape) for t in tiles]
+        bound = self._box_bound(obj)
+        if bound is not None:
+            _zero_outside(canvas, bound[0] - lo, bound[1] - lo)
+        pasted.append(None if clear is None else (lo, hi))
         # Outside the pasted boxes and the object's old mask both masks are False: the mask
         # update, the change test and the label-map update need only their union.
         active = _union_box([*pasted, _clip_box(_mask_box(obj.mask), lo, hi)])
@@ -632,6 +644,27 @@ class Session:
         edit = self._apply(oid, region, before, t0, mine=mine)
         edit.iou, edit.tiles = iou, len(tiles)
         return edit
+
+    def _box_bound(self, obj: _Object) -> tuple[np.ndarray, np.ndarray] | None:
+        """The native voxel box [lo, hi) an object prompted with a box stays inside: the box,
+        as long as every positive click lies in it (a positive click outside it says the box
+        was drawn too small, and lifts the bound). None: no bound. Oblique grids get the voxel
+        box enclosing the world box.
+
+        The model over-segments; bounding its mask by the box raised the 45-label mean Dice
+        from a box alone by +0.04 (MODEL_CARD.md, "A box bounds the object")."""
+        if obj.box is None:
+            return None
+        affine, shape = self.volume.affine, np.asarray(self.label_map.shape)
+        corners = np.array(list(itertools.product(*zip(*obj.box))))  # the 8 corners, RAS
+        corners = geometry.to_voxel(corners, "ras", affine)
+        lo = np.clip(np.ceil(corners.min(0) - 1e-3), 0, shape).astype(int)
+        hi = np.clip(np.floor(corners.max(0) + 1e-3) + 1, 0, shape).astype(int)
+        for ras, positive in obj.clicks:
+            vox = geometry.to_voxel(np.asarray(ras), "ras", affine)[0]
+            if positive and np.any((vox < lo - 0.5) | (vox > hi - 0.5)):
+                return None
+        return lo, hi
 
     def _stitch_frame(
         self, obj: _Object, new_tiles: list[_Tile]
@@ -710,6 +743,14 @@ class Session:
                 _put(new, ~known[new], 0)
             view[...] = new
         return self._record(oid, bbox, old, new, before, active_before, t0)
+
+
+def _zero_outside(canvas: torch.Tensor, lo: np.ndarray, hi: np.ndarray) -> None:
+    """Set ``canvas`` False outside the box [lo, hi) of its own indices (in place)."""
+    for axis, n in enumerate(canvas.shape):
+        a, b = (int(np.clip(v, 0, n)) for v in (lo[axis], hi[axis]))
+        canvas.narrow(axis, 0, a).zero_()
+        canvas.narrow(axis, b, n - b).zero_()
 
 
 def _put(arr: np.ndarray, where: np.ndarray, value: int) -> None:

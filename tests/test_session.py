@@ -13,17 +13,18 @@ from fastsam3d.registry import build_model
 from fastsam3d.session import Session
 
 
-def _tiny_model(seed: int = 0) -> torch.nn.Module:
+def _tiny_model(seed: int = 0, **config) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build_model(
-        "fastsam3d_dilated", embed_dim=48, depth=3, num_heads=3, out_chans=32, prompt_embed_dim=32
-    )
+        "fastsam3d_dilated", embed_dim=48, depth=3, num_heads=3, out_chans=32,
+        prompt_embed_dim=32, **config,
+    )  # fmt: skip
 
 
-def _constant_model(sign: float) -> torch.nn.Module:
+def _constant_model(sign: float, **config) -> torch.nn.Module:
     """A real model whose decoder is set to output logits of one sign everywhere: a predictable
     object (the whole crop, or nothing) for testing tiling and stitching."""
-    model = _tiny_model()
+    model = _tiny_model(**config)
     dec = model.mask_decoder
     with torch.no_grad():
         up = dec.output_upscaling[-2]  # last ConvTranspose3d (then GELU)
@@ -294,6 +295,27 @@ def test_a_lone_first_click_takes_the_multimask_output_of_highest_iou():
     s.reset()
     s.add_point((20, 20, 20))
     torch.testing.assert_close(s._objects[1].tiles[0].logits, low[:, 3:4])
+
+
+def test_a_box_bounds_its_object_until_a_positive_click_lands_outside():
+    """The model's mask (here the whole crop) is cut to the object's box, negative clicks
+    keep the bound, a positive click outside the box lifts it; a new box replaces the object's
+    old mask, also where the old one lies outside the new box's tile."""
+    s = Session(_constant_model(1.0, num_point_embeddings=4), device="cpu")
+    s.set_volume(_volume(shape=(120, 40, 36)))  # 240 mm along i: more than one 192 mm crop
+    s.add_point((10, 20, 18))
+    assert s.mask()[:40].any()
+    box = ((100, 12, 14), (110, 22, 24))
+    s.add_box(*box)
+    inside = np.zeros(s.label_map.shape, bool)
+    inside[100:111, 12:23, 14:25] = True
+    assert np.array_equal(s.mask(), inside)
+    s.add_point((105, 15, 15), positive=False)
+    assert np.array_equal(s.mask(), inside)
+    s.add_point((80, 30, 30))
+    assert s.mask()[80, 30, 30] and s.mask().sum() > inside.sum()
+    s.undo()
+    assert np.array_equal(s.mask(), inside)
 
 
 def test_crops_take_the_models_spacing_and_a_box_is_seen_whole():
