@@ -35,6 +35,7 @@ class PromptEvent:
     lo_ras: list[float] | None = None  # box corners, RAS mm
     hi_ras: list[float] | None = None
     mask: dict[str, Any] | None = None  # set_mask: {"start": [i,j,k], "shape": [..], "bits": b64}
+    crop_spacing: float | None = None  # point, box: mm per voxel of the crops the session used
 
     def __post_init__(self) -> None:
         if self.op not in OPS:

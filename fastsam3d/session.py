@@ -296,7 +296,11 @@ class Session:
         with self._lock:
             oid = self._object_id(object_id)
             ras = self._to_ras(point, coords)
-            self.log.events.append(PromptEvent("point", oid, ras.tolist(), bool(positive)))
+            self.log.events.append(
+                PromptEvent(
+                    "point", oid, ras.tolist(), bool(positive), crop_spacing=self.crop_spacing
+                )
+            )
             return self._click(oid, ras, bool(positive))
 
     def add_box(self, lo, hi, object_id: int | None = None, coords: str = "voxel") -> Edit:
@@ -314,7 +318,13 @@ class Session:
             a, b = self._to_ras(lo, coords), self._to_ras(hi, coords)
             box = (tuple(np.minimum(a, b)), tuple(np.maximum(a, b)))
             self.log.events.append(
-                PromptEvent("box", oid, lo_ras=list(box[0]), hi_ras=list(box[1]))
+                PromptEvent(
+                    "box",
+                    oid,
+                    lo_ras=list(box[0]),
+                    hi_ras=list(box[1]),
+                    crop_spacing=self.crop_spacing,
+                )
             )
             t0 = time.perf_counter()
             before = dict(self._objects)
@@ -420,10 +430,14 @@ class Session:
     # ------------------------------------------------------------------ replay
     def replay(self, log: PromptLog) -> list[Edit]:
         """Run a prompt log's events on the current volume (points are in world mm, so the log
-        also replays on a re-exported copy of the scan). Returns the edits in order."""
+        also replays on a re-exported copy of the scan). A click or box recorded with a crop
+        spacing runs at it (it becomes the session's): the replay gives the logged masks.
+        Returns the edits in order."""
         edits: list[Edit | None] = []
         for n, ev in enumerate(log.events):
             try:
+                if ev.crop_spacing is not None:
+                    self.crop_spacing = ev.crop_spacing
                 if ev.op == "point":
                     if ev.object_id is not None and ev.object_id not in self._objects:
                         self.new_object(ev.object_id)

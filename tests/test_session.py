@@ -206,6 +206,7 @@ def test_prompt_log_replays_exactly(tiny_model, tmp_path):
     s.add_point((24, 20, 20), positive=False)
     s.undo()
     s.redo()
+    s.crop_spacing = 1.0  # recorded with the clicks: the replay runs them at it
     s.add_point((5, 30, 8), object_id=s.new_object())
     start = np.zeros(vol.shape, bool)
     start[2:6, 2:6, 2:6] = True
@@ -215,7 +216,7 @@ def test_prompt_log_replays_exactly(tiny_model, tmp_path):
     replayed.set_volume(vol)
     replayed.replay(PromptLog.load(path))
     assert np.array_equal(replayed.label_map, s.label_map)
-    assert replayed.objects == s.objects == [1, 2, 3]
+    assert replayed.objects == s.objects == [1, 2, 3] and replayed.crop_spacing == 1.0
 
 
 def test_set_mask_starts_an_object_and_a_click_refines_it(tiny_model):
