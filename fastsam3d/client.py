@@ -55,9 +55,17 @@ class RemoteSession:
         url: server base URL, e.g. ``http://127.0.0.1:8765``.
         token: bearer token if the server needs one.
         timeout: seconds to wait for one answer (a first click on CPU takes seconds).
+        crop_spacing: mm per voxel of the crops clicks open (None: the server's); once a
+            volume is set, :attr:`crop_spacing` holds the session's.
     """
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 300.0):
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 300.0,
+        crop_spacing: float | None = None,
+    ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self.session_id: str | None = None
@@ -68,6 +76,7 @@ class RemoteSession:
         self.affine = np.eye(4)
         self.objects: list[int] = []
         self.active_object = 0
+        self.crop_spacing = crop_spacing
 
     # ------------------------------------------------------------------ plumbing
     def health(self) -> dict[str, Any]:
@@ -90,8 +99,13 @@ class RemoteSession:
         """Upload the volume into a new server session (ending the previous one)."""
         self._end()
         body, headers = self._upload  # type: ignore[misc]
-        info = self._check(self._http.post("/v1/sessions", content=body, headers=headers)).json()
+        # the spacing the previous session had, so that a recovered session gives its masks
+        params = {} if self.crop_spacing is None else {"crop_spacing": self.crop_spacing}
+        info = self._check(
+            self._http.post("/v1/sessions", content=body, headers=headers, params=params)
+        ).json()
         self.session_id = info["session_id"]
+        self.crop_spacing = info["crop_spacing"]
         self.affine = np.asarray(info["affine"], dtype=np.float64)
         self.label_map = np.zeros(tuple(info["shape"]), np.uint16)
         self.objects, self.active_object = info["objects"], info["active_object"]

@@ -31,10 +31,14 @@ def volume():
     return make_volume()
 
 
-def upload(url: str, volume, auth: dict[str, str] | None = None) -> dict:
+def upload(url: str, volume, auth: dict[str, str] | None = None, **params) -> dict:
     body, headers = raw_volume_request(volume.array, volume.affine)
     resp = httpx.post(
-        f"{url}/v1/sessions", content=body, headers={**headers, **(auth or {})}, timeout=60
+        f"{url}/v1/sessions",
+        content=body,
+        headers={**headers, **(auth or {})},
+        params=params,
+        timeout=60,
     )
     assert resp.status_code == 201, resp.text
     return resp.json()
@@ -46,7 +50,7 @@ def test_session_life_cycle(server, volume):
     assert health["device"] == "cpu" and health["dtype"] == "fp32"
     info = upload(server, volume)
     sid = info["session_id"]
-    assert info["shape"] == list(volume.shape)
+    assert info["shape"] == list(volume.shape) and info["crop_spacing"] == 1.5  # the model's
     np.testing.assert_allclose(info["affine"], volume.affine)
     base = f"{server}/v1/sessions/{sid}"
     labels = np.zeros(volume.shape, np.uint16)
@@ -224,6 +228,11 @@ def test_bad_requests_refused(server, volume):
         resp = httpx.post(f"{base}/{path}", timeout=60, **kw)
         assert resp.status_code == status, (path, kw, resp.text)
         assert isinstance(resp.json()["detail"], str) and resp.json()["detail"]
+    body, headers = raw_volume_request(volume.array, volume.affine)
+    resp = httpx.post(
+        f"{server}/v1/sessions", content=body, headers=headers, params={"crop_spacing": 0}
+    )
+    assert resp.status_code == 422 and "crop spacing must be" in resp.json()["detail"]
     assert httpx.get(f"{server}/v1/health").status_code == 200  # still alive
     httpx.delete(base)
 
@@ -266,7 +275,7 @@ def test_same_session_requests_are_ordered(server, volume):
 def test_eviction_404_then_client_recovers(server, volume):
     """With MAX_SESSIONS = 3 sessions allowed, a 4th upload evicts the least recently used; its client gets a
     404 under the hood and transparently re-uploads and replays."""
-    remote = RemoteSession(server, timeout=120)
+    remote = RemoteSession(server, timeout=120, crop_spacing=1.25)
     remote.set_volume(volume)
     remote.add_point((28, 24, 20))
     before = remote.label_map.copy()
@@ -276,6 +285,7 @@ def test_eviction_404_then_client_recovers(server, volume):
     assert resp.status_code == 404 and "evicted" in resp.json()["detail"]
     edit = remote.undo()
     assert remote.recoveries == 1 and remote.session_id != evicted
+    assert httpx.get(f"{server}/v1/sessions/{remote.session_id}").json()["crop_spacing"] == 1.25
     assert edit is not None and not remote.label_map.any()
     remote.redo()
     np.testing.assert_array_equal(remote.label_map, before)

@@ -159,11 +159,11 @@ def test_roi_box_against_server_matches_in_process_voxel_box(server, checkpoint)
 
 
 def test_local_backend_runs_in_the_chosen_precision():
-    """Local mode's precision option reaches the in-process session (bf16 runs, emulated or
+    """Local mode's precision and crop spacing reach the in-process session (bf16 runs, emulated or
     not, on any CPU); the units probe names only what torch detects."""
     from FastSAM3DLib.logic import local_backend, local_bf16_units
 
     assert local_backend(device="cpu").predictor.dtype == "fp32"
-    session = local_backend(device="cpu", dtype="bf16")
-    assert session.predictor.dtype == "bf16"
+    session = local_backend(device="cpu", dtype="bf16", crop_spacing=1.5)
+    assert session.predictor.dtype == "bf16" and session.crop_spacing == 1.5
     assert set(local_bf16_units()) <= {"AMX", "AVX512-BF16"}

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from fastsam3d.cli import app
-from fastsam3d.cli._common import DtypeOption, console, user_errors
+from fastsam3d.cli._common import CropSpacingOption, DtypeOption, console, user_errors
 
 
 @app.command()
@@ -29,6 +29,7 @@ def serve(
     ] = "default",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     dtype: DtypeOption = "fp32",
+    crop_spacing: CropSpacingOption = None,
     nninteractive_compat: Annotated[
         bool,
         typer.Option(
@@ -68,6 +69,7 @@ def serve(
             max_sessions=max_sessions,
             idle_timeout=idle_timeout,
             nninteractive_compat=nninteractive_compat,
+            crop_spacing=crop_spacing,
         )
     auth = "token required" if token else "no token (loopback only)"
     compat = ", nnInteractive protocol at /" if nninteractive_compat else ""

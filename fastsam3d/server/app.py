@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -61,17 +61,22 @@ def status_of(err: FastSAM3DError) -> int:
 
 
 def session_factory(
-    model: str | Path | torch.nn.Module, device: str, dtype: str = "fp32"
-) -> tuple[Callable[[], Session], Predictor | OnnxPredictor, str]:
+    model: str | Path | torch.nn.Module,
+    device: str,
+    dtype: str = "fp32",
+    crop_spacing: float | None = None,
+) -> tuple[Callable[..., Session], Predictor | OnnxPredictor, str]:
     """Load the model once; return a factory of sessions sharing its weights (each session
-    has its own embedding cache), the loaded predictor and the model's display name."""
+    has its own embedding cache; ``make(crop_spacing)`` overrides the server's crop spacing),
+    the loaded predictor and the model's display name. A bad crop spacing fails here."""
     base, name = load_predictor(model, device, dtype=dtype)
 
-    def make() -> Session:
-        session = Session(base.share())
+    def make(spacing: float | None = None) -> Session:
+        session = Session(base.share(), crop_spacing=crop_spacing if spacing is None else spacing)
         session.model_name = name  # recorded in the prompt log instead of "predictor"
         return session
 
+    make()
     return make, base, name
 
 
@@ -161,6 +166,7 @@ def create_app(
     max_sessions: int = 8,
     idle_timeout: float = 1800.0,
     nninteractive_compat: bool = False,
+    crop_spacing: float | None = None,
 ) -> FastAPI:
     """Build the server application.
 
@@ -174,8 +180,10 @@ def create_app(
         max_sessions: live sessions per protocol; more evict the least recently used.
         idle_timeout: seconds after which an untouched session is dropped (0 = never).
         nninteractive_compat: also serve nnInteractive's remote protocol at the root paths.
+        crop_spacing: mm per voxel of the crops clicks open (None: the model's); a session
+            may ask for another when it is created.
     """
-    make_session, base, model_name = session_factory(model, device, dtype)
+    make_session, base, model_name = session_factory(model, device, dtype, crop_spacing)
     store: SessionStore[Session] = SessionStore(max_sessions, idle_timeout)
     max_upload = int(max_upload_mb * 2**20)
     stores = [store]
@@ -247,6 +255,7 @@ def create_app(
             active_object=session.active_object,
             model=model_name,
             idle_timeout=idle_timeout,
+            crop_spacing=session.crop_spacing,
         )
 
     @app.post(
@@ -266,6 +275,10 @@ def create_app(
                 '"affine": [[4 x 4]], "compression": "zlib"}; without it the body is NIfTI',
             ),
         ] = None,
+        crop_spacing: Annotated[
+            float | None,
+            Query(description="mm per voxel of the crops clicks open (default: the server's)"),
+        ] = None,
     ) -> s.SessionInfo:
         """Upload a volume and start a session on it. Body: NIfTI file bytes (gzip allowed), or
         raw C-order array bytes described by the ``X-Volume-Geometry`` header."""
@@ -278,7 +291,7 @@ def create_app(
                 volume = raw_volume(body, x_volume_geometry, max_voxels)
             else:
                 volume = nifti_volume(body, max_voxels)
-            session = make_session()
+            session = make_session(crop_spacing)
             session.set_volume(volume)
             return session
 

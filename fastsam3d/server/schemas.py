@@ -94,6 +94,7 @@ class SessionInfo(BaseModel):
     idle_timeout: float = Field(
         description="seconds without requests before the session is dropped"
     )
+    crop_spacing: float = Field(description="mm per voxel of the crops clicks open")
 
 
 class ObjectResponse(BaseModel):

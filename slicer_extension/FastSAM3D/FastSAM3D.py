@@ -36,6 +36,7 @@ from slicer.ScriptedLoadableModule import (
 
 SEGMENT_PREFIX = "FastSAM3D"
 BOX_NAME = f"{SEGMENT_PREFIX} box"
+CROP_CHOICES = {"model's": None, "1.0 mm": 1.0, "1.5 mm": 1.5}  # the Crop menu: text -> mm
 
 
 class FastSAM3D(ScriptedLoadableModule):
@@ -76,6 +77,14 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
             if units
             else "Local only, on CPUs with AMX or AVX512-BF16 (this one has none)"
         )
+        self.cropCombo = qt.QComboBox()
+        for text in CROP_CHOICES:
+            self.cropCombo.addItem(text)
+        self.cropCombo.toolTip = (
+            "mm per voxel of the 128^3 crops a click opens: the model's (1.0 for the bundled "
+            "model, 1.5 for the official ones; on a server, the server's), or 1.5 to show a "
+            "large organ more whole after one click. Applied at Start."
+        )
         self.volumeSelector = self._selector("vtkMRMLScalarVolumeNode", "Volume to segment")
         self.segmentationSelector = self._selector("vtkMRMLSegmentationNode", "Segmentation")
         self.segmentationSelector.addEnabled = True
@@ -83,6 +92,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
         form.addRow("Token:", self.tokenEdit)
         form.addRow("Local:", self.localCheck)
         form.addRow("Precision:", self.bf16Check)
+        form.addRow("Crop:", self.cropCombo)
         form.addRow("Volume:", self.volumeSelector)
         form.addRow("Segmentation:", self.segmentationSelector)
 
@@ -144,6 +154,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
             None if self.localCheck.checked else self.urlEdit.text,
             self.tokenEdit.text,
             "bf16" if self.bf16Check.checked else "fp32",
+            CROP_CHOICES[self.cropCombo.currentText],
         )
 
     def placePoint(self, positive):
@@ -170,13 +181,19 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self.lists = {}
         self.box = self.sentBox = None
 
-    def start(self, volumeNode, segmentationNode, url=None, token=None, dtype="fp32"):
+    def start(
+        self, volumeNode, segmentationNode, url=None, token=None, dtype="fp32", crop_spacing=None
+    ):
         """Open a session on ``volumeNode`` (remote at ``url``, or local when url is None; the
-        local one in ``dtype``, a server in its own)."""
+        local one in ``dtype``, a server in its own) with crops at ``crop_spacing`` mm (None:
+        the model's, or the server's)."""
         if volumeNode is None or segmentationNode is None:
             raise ValueError("choose a volume and a segmentation first")
         self.stop()
-        backend = local_backend(dtype=dtype) if url is None else remote_backend(url, token)
+        if url is None:
+            backend = local_backend(dtype=dtype, crop_spacing=crop_spacing)
+        else:
+            backend = remote_backend(url, token, crop_spacing=crop_spacing)
         self.core = FastSAM3DLogicCore(backend)
         ijk_to_ras = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(volumeNode))
         self.core.set_volume(slicer.util.arrayFromVolume(volumeNode), ijk_to_ras)

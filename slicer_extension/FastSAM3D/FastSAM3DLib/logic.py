@@ -84,19 +84,28 @@ def to_slicer(array_ijk: np.ndarray) -> np.ndarray:
     return np.asarray(array_ijk).transpose(2, 1, 0)
 
 
-def remote_backend(url: str, token: str | None = None, timeout: float = 300.0) -> Any:
-    """A server session (torch-free)."""
+def remote_backend(
+    url: str, token: str | None = None, timeout: float = 300.0, crop_spacing: float | None = None
+) -> Any:
+    """A server session (torch-free). ``crop_spacing``: mm per voxel of the crops clicks open
+    (None: the server's)."""
     from fastsam3d.client import RemoteSession
 
-    return RemoteSession(url, token=token or None, timeout=timeout)
+    return RemoteSession(url, token=token or None, timeout=timeout, crop_spacing=crop_spacing)
 
 
-def local_backend(model: str = "default", device: str = "auto", dtype: str = "fp32") -> Any:
+def local_backend(
+    model: str = "default",
+    device: str = "auto",
+    dtype: str = "fp32",
+    crop_spacing: float | None = None,
+) -> Any:
     """An in-process session; needs fastsam3d with torch in Slicer's Python. ``dtype="bf16"``
-    encodes about 2x faster on CPUs with bfloat16 units (:func:`local_bf16_units`)."""
+    encodes about 2x faster on CPUs with bfloat16 units (:func:`local_bf16_units`);
+    ``crop_spacing`` None takes the model's."""
     from fastsam3d.session import Session
 
-    return Session(model=model, device=device, dtype=dtype)
+    return Session(model=model, device=device, dtype=dtype, crop_spacing=crop_spacing)
 
 
 def local_available() -> bool:
