@@ -223,10 +223,14 @@ class Session:
     @crop_spacing.setter
     def crop_spacing(self, value: float | None) -> None:
         """Set it; None takes the model's (``ModelConfig.crop_spacing_mm``)."""
-        value = self.predictor.crop_spacing_mm if value is None else float(value)
-        if not 0.1 <= value <= 10:
-            raise PromptError(f"the crop spacing must be 0.1 to 10 mm, got {value}")
-        self._crop_spacing = value
+        given = self.predictor.crop_spacing_mm if value is None else value
+        try:
+            mm = float(given)
+        except (TypeError, ValueError):
+            mm = float("nan")
+        if not 0.1 <= mm <= 10:  # also NaN
+            raise PromptError(f"the crop spacing must be 0.1 to 10 mm, got {given!r}")
+        self._crop_spacing = mm
 
     # ------------------------------------------------------------------ state
     def set_volume(self, volume: Volume) -> None:

@@ -223,6 +223,11 @@ def test_bad_requests_refused(server, volume):
         ),
         ("replay", {"json": {"events": [{"op": "explode"}]}}, 422),
         ("replay", {"json": {"events": [{"op": "point", "ras": "here"}]}}, 422),
+        (
+            "replay",
+            {"json": {"events": [{"op": "point", "ras": [1, 2, 3], "crop_spacing": "x"}]}},
+            422,
+        ),
     ]
     for path, kw, status in cases:
         resp = httpx.post(f"{base}/{path}", timeout=60, **kw)
