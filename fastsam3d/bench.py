@@ -663,8 +663,11 @@ class ReferenceSession(Session):
         before: dict[int, _Object],
         t0: float,
         iou: float,
+        clear: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Edit:
         tiles, lo, hi = self._stitch_frame(obj, new_tiles)
+        if clear is not None:
+            lo, hi = np.minimum(lo, clear[0]), np.maximum(hi, clear[1])
         affine, shape = self.volume.affine, self.label_map.shape
         canvas = np.zeros(tuple(hi - lo), bool)
         for t in tiles:  # later tiles win where tiles overlap
@@ -676,6 +679,11 @@ class ReferenceSession(Session):
                 dst = tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))
                 keep = inside[src].cpu().numpy()
                 canvas[dst][keep] = (values[src] > 0).cpu().numpy()[keep]
+        bound = self._box_bound(obj)
+        if bound is not None:  # every voxel outside the box bound goes
+            index = np.indices(canvas.shape, sparse=True)
+            for axis, ix in enumerate(index):
+                canvas &= (ix + lo[axis] >= bound[0][axis]) & (ix + lo[axis] < bound[1][axis])
         changed = _true_box(canvas != obj.mask.region(lo, hi))
         region = None if changed is None else (lo + changed[0], lo + changed[1])
         self._objects[oid] = replace(obj, tiles=tiles, mask=obj.mask.with_region(lo, hi, canvas))
@@ -716,14 +724,17 @@ class BallPredictor(Predictor):
     """A stand-in for a trained model's local masks (the untrained one's fill the crop): low-res
     logits of a ball around the newest click, ``radius`` low-res voxels (of 32^3, 6 mm each at
     the model's 1.5 mm) plus 2.5 per further positive click, 1.5 less after a negative one,
-    with noise seeded by the prompts (same prompts, same logits). Used by :func:`bench_refine`
-    and the session tests; the image encoder still runs."""
+    with noise seeded by the prompts (same prompts, same logits); a box alone gives a ball of
+    ``radius`` around its centre. Used by :func:`bench_refine` and the session tests; the image
+    encoder still runs."""
 
     def __init__(self, model: torch.nn.Module, radius: float = 3.0, **options):
         super().__init__(model, "cpu", **options)
         self.radius = radius
 
     def predict(self, points=None, labels=None, box=None, mask_input=None, multimask=False):
+        if points is None:  # a box alone
+            points, labels = torch.as_tensor(box, dtype=torch.float32).reshape(2, 3).mean(0), [1]
         pts = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 3) / 4  # low-res voxels
         lbl = torch.as_tensor(labels).reshape(-1)
         radius = self.radius + 2.5 * (float((lbl == 1).sum()) - 1) - 1.5 * float(lbl[-1] == 0)

@@ -16,9 +16,10 @@ from fastsam3d.session import Session
 
 def _predictor() -> BallPredictor:
     torch.manual_seed(0)
-    model = build_model(
-        "fastsam3d_dilated", embed_dim=48, depth=3, num_heads=3, out_chans=32, prompt_embed_dim=32
-    )
+    model = build_model(  # 4 point embeddings: the model takes boxes
+        "fastsam3d_dilated", embed_dim=48, depth=3, num_heads=3, out_chans=32,
+        prompt_embed_dim=32, num_point_embeddings=4,
+    )  # fmt: skip
     return BallPredictor(model, radius=6.0)
 
 
@@ -57,6 +58,11 @@ def _script(s: Session) -> list:
     out.append(s.clear())
     out.append(s.undo())
     out.append(s.add_point(c, object_id=1, positive=False))
+    three = s.new_object()
+    out.append(s.add_box(c - [12, 10, 6], c + [12, 10, 6], object_id=three))  # cut to the box
+    out.append(s.add_point(c + [2, 2, 0], object_id=three, positive=False))  # still bounded
+    out.append(s.add_point(c + [20, 0, 0], object_id=three))  # outside: the bound lifts
+    out.append(s.add_box([30, 30, 10], [50, 45, 25], object_id=three))  # replaces the mask
     return out
 
 
