@@ -11,7 +11,8 @@ depiction "plane") or, for volume rendering, on the brightest voxel along the vi
 
 Box: press "Draw a box" (or B), then drag a rectangle over the object on a 2D slice of the
 "<image> box" layer; it becomes a 3D box prompt for the current object (its earlier prompts are
-replaced), as deep as "Box depth" says, and later clicks refine it.
+replaced), as deep as "Box depth" says, and later clicks refine it. The mask stays inside the
+box until a positive click lands outside it.
 
 Keys, with the prompts layer selected: N new object, B draw a box, Ctrl+Z undo, Ctrl+Shift+Z
 redo, R reset the current object, Shift+R clear all objects.
@@ -235,7 +236,8 @@ class FastSAM3DWidget(Container):
             min=0.0,
             max=2000.0,
             step=5.0,
-            tooltip="Extent of a drawn box through the slice; 0: as deep as its longer side",
+            tooltip="Extent of a drawn box through the slice; 0: as deep as its longer side. "
+            "The mask stays inside the box until a positive click lands outside it",
         )
         rows = []
         for i in range(0, len(buttons), 2):
