@@ -666,8 +666,9 @@ class Session:
     def _box_bound(self, obj: _Object) -> tuple[np.ndarray, np.ndarray] | None:
         """The native voxel box [lo, hi) an object prompted with a box stays inside: the box,
         as long as every positive click lies in it (a positive click outside it says the box
-        was drawn too small, and lifts the bound). None: no bound. Oblique grids get the voxel
-        box enclosing the world box.
+        was drawn too small, and lifts the bound). None: no bound. Along an axis where the box
+        spans one voxel layer it does not bound. Oblique grids get the voxel box enclosing the
+        world box.
 
         The model over-segments; bounding its mask by the box raised the 45-label mean Dice
         from a box alone by +0.04 (MODEL_CARD.md, "A box bounds the object")."""
@@ -678,6 +679,8 @@ class Session:
         corners = geometry.to_voxel(corners, "ras", affine)
         lo = np.clip(np.ceil(corners.min(0) - 1e-3), 0, shape).astype(int)
         hi = np.clip(np.floor(corners.max(0) + 1e-3) + 1, 0, shape).astype(int)
+        flat = hi - lo <= 1  # a 2D box drawn on one slice (nnInteractive's) bounds its plane only
+        lo[flat], hi[flat] = 0, shape[flat]
         for ras, positive in obj.clicks:
             vox = geometry.to_voxel(np.asarray(ras), "ras", affine)[0]
             if positive and np.any((vox < lo - 0.5) | (vox > hi - 0.5)):
