@@ -13,10 +13,10 @@ A lease is one client; it holds one :class:`~fastsam3d.session.Session` with one
 * **points**: one click each, positive or negative (``include_interaction``).
 * **boxes** (``[[x0, x1], [y0, y1], [z0, z1]]``, upper bounds exclusive; one axis may be flat):
   a positive box on a model trained with boxes is ``add_box`` (a flat box bounds the mask in its
-  plane only); otherwise (and for any negative
-  box) a click at the box centre, plus, for a positive box, a negative click just outside the
-  box (10 % of its size, at least 2 voxels) in the middle of each side the box has along its
-  non-flat axes that lies inside the volume (4 for a 2D box, 6 for a 3D box).
+  plane only); otherwise (and for any negative box) a click at the box centre, plus, for a
+  positive box, a negative click just outside the box (10 % of its size, at least 2 voxels) in
+  the middle of each side the box has along its non-flat axes that lies inside the volume (4 for
+  a 2D box, 6 for a 3D box).
 * **scribbles and lassos**: up to 3 clicks with the interaction's sign, sampled from its voxels:
   the deepest voxel (Euclidean distance to the outline in the scribble's own plane), then
   farthest-point picks among voxels at least half as deep. A lasso gives interior points
