@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from fastsam3d.errors import PromptError, VolumeError
-from fastsam3d.geometry import apply_affine
+from fastsam3d.geometry import apply_affine, deepen_flat_box
 from fastsam3d.io.read import Volume, suffix_of
 
 META_KEY = "fastsam3d"
@@ -211,19 +211,13 @@ def box_from_rectangle(
     volume; a rectangle with no area inside it is a :class:`PromptError`.
     """
     vertices = np.asarray(vertices, float)
-    shape = np.asarray(volume.array.shape)
-    extent = np.ptp(vertices, axis=0)
-    flat = np.flatnonzero(extent < 1e-6)
+    flat = np.flatnonzero(np.ptp(vertices, axis=0) < 1e-6)
     if vertices.shape != (4, 3) or len(flat) != 1:
         raise PromptError("a box is a rectangle dragged on one slice of the image")
-    axis = int(flat[0])
-    plane = [a for a in range(3) if a != axis]
-    spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
-    depth = depth_mm or float(max(extent[plane] * spacing[plane]))
-    lo, hi = vertices.min(axis=0), vertices.max(axis=0)
-    lo[axis] -= depth / spacing[axis] / 2
-    hi[axis] += depth / spacing[axis] / 2
-    lo, hi = np.clip(lo, 0, shape - 1), np.clip(hi, 0, shape - 1)
+    plane = [a for a in range(3) if a != int(flat[0])]
+    lo, hi = deepen_flat_box(
+        vertices.min(axis=0), vertices.max(axis=0), volume.affine, volume.array.shape, depth_mm
+    )
     if np.any(hi[plane] - lo[plane] < 1):
         raise PromptError("the box has no area inside the image: drag a rectangle over the object")
     return lo, hi

@@ -124,3 +124,16 @@ def test_negative_spacing_is_a_flip_not_an_error():
     """A negative diagonal entry is a flipped axis; the spacing is its absolute value."""
     aff = geometry.check_affine(np.diag([-2.0, 1.0, 3.0, 1.0]))
     np.testing.assert_allclose(geometry.spacing(aff), [2, 1, 3])
+
+
+def test_deepen_flat_box():
+    """A box on one slice reaches its longer in-plane side (mm) through the slice, or the depth
+    asked for, clipped to the volume; boxes with depth are returned as they are."""
+    affine = np.diag([1.2, 0.9, 2.5, 1.0])
+    lo, hi = geometry.deepen_flat_box((10, 20, 15), (30, 40, 15), affine, (64, 56, 40))
+    np.testing.assert_allclose(lo, (10, 20, 15 - 24 / 2.5 / 2))  # 20 x 1.2 = 24 mm, longer
+    np.testing.assert_allclose(hi, (30, 40, 15 + 24 / 2.5 / 2))
+    lo, hi = geometry.deepen_flat_box((30, 20, 15), (10, 40, 15), affine, (64, 56, 40), 200)
+    assert tuple(lo) == (10, 20, 0) and tuple(hi) == (30, 40, 39)
+    lo, hi = geometry.deepen_flat_box((10, 20, 14), (30, 40, 16), affine, (64, 56, 40))
+    assert tuple(lo) == (10, 20, 14) and tuple(hi) == (30, 40, 16)
