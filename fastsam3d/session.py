@@ -311,7 +311,10 @@ class Session:
         """Segment the object inside a 3D box (models trained with boxes only).
 
         ``lo`` and ``hi`` are opposite corners in ``coords``; the box becomes the object's first
-        prompt (its previous tiles are dropped) and later clicks refine it.
+        prompt (it replaces the object's mask) and later clicks refine it. The mask stays inside
+        the box until a positive click lands outside it. A box drawn on one slice (flat along
+        one voxel axis) is made as deep as its longer side (:func:`geometry.deepen_flat_box`).
+        The log records the box as used.
         """
         with self._lock:
             oid = self._object_id(object_id)
@@ -319,7 +322,11 @@ class Session:
                 raise PromptError(
                     f"{self.model_name} takes clicks only, no box prompts; use clicks instead"
                 )
-            a, b = self._to_ras(lo, coords), self._to_ras(hi, coords)
+            corners = geometry.deepen_flat_box(
+                self._to_voxel(lo, coords), self._to_voxel(hi, coords),
+                self.volume.affine, self.label_map.shape,
+            )  # fmt: skip
+            a, b = geometry.from_voxel(np.stack(corners), "ras", self.volume.affine)
             box = (tuple(np.minimum(a, b)), tuple(np.maximum(a, b)))
             self.log.events.append(
                 PromptEvent(
@@ -475,6 +482,10 @@ class Session:
 
     # ------------------------------------------------------------------ internals
     def _to_ras(self, point, coords: str) -> np.ndarray:
+        return geometry.from_voxel(self._to_voxel(point, coords), "ras", self.volume.affine)[0]
+
+    def _to_voxel(self, point, coords: str) -> np.ndarray:
+        """(3,) voxel coordinates of a point given in ``coords``; PromptError if outside."""
         vol = self.volume
         try:
             given = np.asarray(point, dtype=np.float64).reshape(3)
@@ -486,7 +497,7 @@ class Session:
         else:
             what = "point"
         geometry.check_inside(vox, vol.array.shape, what=what)
-        return geometry.from_voxel(vox.reshape(1, 3), "ras", vol.affine)[0]
+        return vox
 
     def _click(self, oid: int, ras: np.ndarray, positive: bool) -> Edit:
         t0 = time.perf_counter()
@@ -666,9 +677,8 @@ class Session:
     def _box_bound(self, obj: _Object) -> tuple[np.ndarray, np.ndarray] | None:
         """The native voxel box [lo, hi) an object prompted with a box stays inside: the box,
         as long as every positive click lies in it (a positive click outside it says the box
-        was drawn too small, and lifts the bound). None: no bound. Along an axis where the box
-        spans one voxel layer it does not bound. Oblique grids get the voxel box enclosing the
-        world box.
+        was drawn too small, and lifts the bound). None: no bound. Oblique grids get the voxel
+        box enclosing the world box.
 
         The model over-segments; bounding its mask by the box raised the 45-label mean Dice
         from a box alone by +0.04 (MODEL_CARD.md, "A box bounds the object")."""
@@ -679,8 +689,6 @@ class Session:
         corners = geometry.to_voxel(corners, "ras", affine)
         lo = np.clip(np.ceil(corners.min(0) - 1e-3), 0, shape).astype(int)
         hi = np.clip(np.floor(corners.max(0) + 1e-3) + 1, 0, shape).astype(int)
-        flat = hi - lo <= 1  # a 2D box drawn on one slice (nnInteractive's) bounds its plane only
-        lo[flat], hi[flat] = 0, shape[flat]
         for ras, positive in obj.clicks:
             vox = geometry.to_voxel(np.asarray(ras), "ras", affine)[0]
             if positive and np.any((vox < lo - 0.5) | (vox > hi - 0.5)):

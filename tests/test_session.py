@@ -301,8 +301,8 @@ def test_a_lone_first_click_takes_the_multimask_output_of_highest_iou():
 def test_a_box_bounds_its_object_until_a_positive_click_lands_outside():
     """The model's mask (here the whole crop) is cut to the object's box, negative clicks
     keep the bound, a positive click outside the box lifts it; a new box replaces the object's
-    old mask, also where the old one lies outside the new box's tile; a box one slice thin
-    bounds the mask in its slice's plane only."""
+    old mask, also where the old one lies outside the new box's tile; a box drawn on one slice
+    is made as deep as its longer side."""
     s = Session(_constant_model(1.0, num_point_embeddings=4), device="cpu")
     s.set_volume(_volume(shape=(120, 40, 36)))  # 240 mm along i: more than one 192 mm crop
     s.add_point((10, 20, 18))
@@ -318,8 +318,10 @@ def test_a_box_bounds_its_object_until_a_positive_click_lands_outside():
     assert s.mask()[80, 30, 30] and s.mask().sum() > inside.sum()
     s.undo()
     assert np.array_equal(s.mask(), inside)
-    s.add_box((100, 12, 20), (110, 22, 20))  # a 2D box on slice k = 20 bounds that plane only
-    assert np.array_equal(s.mask(), inside[:, :, 20:21].repeat(36, axis=2))
+    s.add_box((100, 12, 20), (110, 22, 20))  # on slice 20: made 20 mm (10 voxels) deep
+    inside[:] = False
+    inside[100:111, 12:23, 15:26] = True
+    assert np.array_equal(s.mask(), inside)
 
 
 def test_crops_take_the_models_spacing_and_a_box_is_seen_whole():

@@ -12,11 +12,11 @@ A lease is one client; it holds one :class:`~fastsam3d.session.Session` with one
 
 * **points**: one click each, positive or negative (``include_interaction``).
 * **boxes** (``[[x0, x1], [y0, y1], [z0, z1]]``, upper bounds exclusive; one axis may be flat):
-  a positive box on a model trained with boxes is ``add_box``, a box drawn on one slice made as
-  deep as its longer side (``geometry.deepen_flat_box``); otherwise (and for any negative box)
-  a click at the box centre, plus, for a positive box, a negative click just outside the box
-  (10 % of its size, at least 2 voxels) in the middle of each side the box has along its
-  non-flat axes that lies inside the volume (4 for a 2D box, 6 for a 3D box).
+  a positive box on a model trained with boxes is ``add_box`` (which makes a box drawn on one
+  slice as deep as its longer side); otherwise (and for any negative box) a click at the box
+  centre, plus, for a positive box, a negative click just outside the box (10 % of its size, at
+  least 2 voxels) in the middle of each side the box has along its non-flat axes that lies
+  inside the volume (4 for a 2D box, 6 for a 3D box).
 * **scribbles and lassos**: up to 3 clicks with the interaction's sign, sampled from its voxels:
   the deepest voxel (Euclidean distance to the outline in the scribble's own plane), then
   farthest-point picks among voxels at least half as deep. A lasso gives interior points
@@ -49,7 +49,6 @@ from fastapi.responses import Response
 from scipy.ndimage import distance_transform_edt
 
 from fastsam3d.errors import FastSAM3DError, PromptError, VolumeError
-from fastsam3d.geometry import deepen_flat_box
 from fastsam3d.io.read import Volume
 from fastsam3d.server.store import SessionNotFound, SessionStore
 from fastsam3d.session import Edit, Session
@@ -481,10 +480,8 @@ def compat_router(
         include = flag(body, "include_interaction")
 
         def step(ses: Session) -> list[Edit]:
-            if include and accepts_boxes:
-                shape = ses.label_map.shape
-                lo, hi = deepen_flat_box(box[:, 0], box[:, 1] - 1, ses.volume.affine, shape)
-                return [ses.add_box(lo, hi, OBJECT)]
+            if include and accepts_boxes:  # a flat box is deepened by add_box
+                return [ses.add_box(box[:, 0], box[:, 1] - 1, OBJECT)]
             clicks = (
                 box_clicks(box, ses.label_map.shape)
                 if include
