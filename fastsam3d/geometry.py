@@ -198,7 +198,7 @@ def deepen_flat_box(
     Where ``lo`` and ``hi`` coincide along exactly one voxel axis (a rectangle on a slice), the
     box reaches ``depth_mm`` through the slice, centred on it; 0 makes it as deep as its longer
     in-plane side (organs are about as deep as they are wide): the model, trained on 3D boxes,
-    scored 0.13-0.17 mean Dice from such flat boxes on the sample CT's 45 labels and 0.32-0.38
+    scored 0.13-0.17 mean Dice from such flat boxes on the sample CT's 45 labels and 0.33-0.42
     from the deepened ones. Other boxes come back as they are; the result is clipped to
     ``shape``.
     """
