@@ -654,10 +654,10 @@ class Session:
         bound = self._box_bound(obj)
         if bound is not None:
             _zero_outside(canvas, bound[0] - lo, bound[1] - lo)
-        pasted.append(None if clear is None else (lo, hi))
+        cleared = None if clear is None else (lo, hi)  # the whole frame: the old mask goes
         # Outside the pasted boxes and the object's old mask both masks are False: the mask
         # update, the change test and the label-map update need only their union.
-        active = _union_box([*pasted, _clip_box(_mask_box(obj.mask), lo, hi)])
+        active = _union_box([*pasted, cleared, _clip_box(_mask_box(obj.mask), lo, hi)])
         region, mask, mine = None, obj.mask, None
         if active is not None:
             a, b = active

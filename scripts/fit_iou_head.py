@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from fastsam3d.checkpoint import load_model, save_safetensors
 from fastsam3d.simulate import next_click
 from fastsam3d.training.data import RealCropSampler, load_cases
+from fastsam3d.training.losses import mask_iou
 from fastsam3d.transforms import normalize_crop
 
 
@@ -46,14 +47,9 @@ def features(model, sampler: RealCropSampler, crops: int):
             prompt = (point.float(), torch.ones(1, 1, dtype=torch.long))
             sparse, dense = model.prompt_encoder(prompt, None, torch.zeros(1, 1, 32, 32, 32))
             logits, _ = dec(emb, pe, sparse, dense, False, outputs=range(4))
-            up = (
-                F.interpolate(logits, size=target.shape[2:], mode="trilinear", align_corners=False)
-                > 0
-            )
-            inter = (up & target).flatten(2).sum(-1)
-            union = (up | target).flatten(2).sum(-1).clamp_min(1)
+            up = F.interpolate(logits, size=target.shape[2:], mode="trilinear", align_corners=False)
             feats.append(captured.pop()[0])
-            ious.append((inter / union)[0])
+            ious.append(mask_iou(up, target)[0])
             objects.append(hash(obj))
         if (i + 1) % 100 == 0:
             print(f"{i + 1} crops", flush=True)
