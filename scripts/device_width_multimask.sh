@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Session 14 on one lent GPU (the device tool), in two or three calls on one warm machine:
+#   here:    bash scripts/prepare_device_data.sh    (carry .device_carry)
+#   call 1:  bash scripts/device_width_multimask.sh start MIN   issue 8's refinement profile,
+#            alone on the GPU (benchmarks/profile_refine_gpu.py), then four runs for MIN minutes
+#            side by side, all on 1.0 mm real crops (the default's crop spacing):
+#            ft_mm          the default fine-tuned with --multimask (whole model, lr 3e-5)
+#            ft_mm_frozen   the same with the image encoder frozen, lr 1e-4
+#            w768 / w384    the student from scratch at full width (768) and at the shipped width
+#                           (384), same recipe and minutes: which width pays per device-minute,
+#                           and whether int8 holds at full width (checked in call 3)
+#   (call 2: bash scripts/device_width_multimask.sh watch    progress after SLEEP seconds, 480 by
+#            default; SLEEP also sets how long start waits, 400 by default)
+#   last:    bash scripts/device_width_multimask.sh finish   waits for the runs; scores w768 and
+#            w384 in fp32, fp16 and int8 on the selection set; the CUDA tests; returns the logs,
+#            ft_mm's best (int8; its last if the best is step 0) and ft_mm_frozen's decoder
+#   here:    bash scripts/eval45.sh MODEL runs/eval_NAME   (decoder-only files: merge them with the
+#            default's image encoder first, `python scripts/merge_decoder.py PART OUT`)
+RUNS="ft_mm ft_mm_frozen w768 w384"
+. "$(dirname "$0")/device_lib.sh"
+pick() {  # RUN: RUN/best, or RUN/model when the best checkpoint is the starting one (step 0)
+  python3 -c "import json; s=json.load(open('/tmp/$1/state.json')); print('$1/' + ('best' if s['best']['step'] else 'model'))"
+}
+case $1 in
+start)
+  MIN=$2; gpu_info
+  timeout 150 python3 benchmarks/profile_refine_gpu.py --repeats 200 2>&1 | tee "$OUT/refine_profile_before.txt"
+  v5_recipe "$MIN"
+  FT=(finetune --from fastsam3d/weights/default.safetensors --multimask --val-every 60)
+  launch ft_mm "${FT[@]}" --lr 3e-5
+  launch ft_mm_frozen "${FT[@]}" --freeze-encoder --lr 1e-4
+  launch w768 train --set crop_spacing_mm=1.0 --lr 5e-4
+  launch w384 train --set crop_spacing_mm=1.0 --set embed_dim=384 --set num_heads=6 --lr 5e-4
+  sleep "${SLEEP:-400}"; progress ;;
+watch)
+  sleep "${SLEEP:-480}"; progress ;;
+finish)
+  wait_runs; progress
+  python3 - <<'PY' | tee "$OUT/width_dtypes.jsonl"
+import json, subprocess
+from fastsam3d.registry import build_model
+from fastsam3d.training.data import load_cases
+from fastsam3d.training.validate import CropValidator
+cases = load_cases(".device_carry/val_select.safetensors")
+for run in ("w768", "w384"):
+    src = f"/tmp/{run}/best.safetensors"
+    for dtype in ("fp32", "fp16", "int8"):
+        path = src
+        if dtype != "fp32":
+            path = f"/tmp/{run}_{dtype}.safetensors"
+            subprocess.run(["python3", "-m", "fastsam3d", "convert", src, path, "--dtype", dtype], check=True)
+        model = build_model(checkpoint=path).cuda()
+        val = CropValidator(cases, size=model.config.img_size, spacing=model.config.crop_spacing_mm)
+        print(json.dumps({"run": run, "dtype": dtype, **val(model)}), flush=True)
+PY
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_perf_paths.py -k cuda 2>&1 | tail -3
+  pack_runs $RUNS
+  fetch "$(pick ft_mm)"
+  fetch_decoder "$(pick ft_mm_frozen)" ;;
+esac
