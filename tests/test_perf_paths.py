@@ -97,6 +97,28 @@ def test_cpu_bf16_stores_the_encoders_matrix_weights_in_a_copy():
     assert make().predictor.model.image_encoder is base.model.image_encoder
 
 
+def test_upscaling_equals_the_sequential_convolutions_after_weight_updates():
+    """The patch-order upscaling keeps its permuted weights between clicks; changing a weight
+    in place (an optimiser step, ``load_state_dict``) must be seen by the next click."""
+    decoder = _small_model().mask_decoder.eval()
+    src = torch.randn(1, 8**3, decoder.transformer_dim)
+    hyper = torch.randn(1, 1, decoder.transformer_dim // 8)
+
+    def check() -> None:
+        with torch.inference_mode():
+            fast = decoder._upscale_masks(src, hyper, (8, 8, 8))
+            grid = src.transpose(1, 2).reshape(1, -1, 8, 8, 8)
+            feats = decoder.output_upscaling(grid).flatten(2)  # (1, C/8, 32^3)
+            ref = (hyper @ feats).reshape(1, 1, 32, 32, 32)
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+    check()
+    with torch.no_grad():
+        decoder.output_upscaling[0].weight.mul_(-2.0)
+        decoder.output_upscaling[3].weight.add_(0.5)
+    check()
+
+
 @pytest.mark.parametrize(("torch_threads", "expected"), [(1, 1), (2, 1), (4, 3), (8, 7)])
 def test_click_threads_leave_one_core_free(torch_threads, expected):
     """The default click runs on one thread fewer than torch's (the GUI and other processes

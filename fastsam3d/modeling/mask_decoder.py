@@ -130,8 +130,23 @@ CPU_CHUNK = 128
 
 def _patch_weight(conv: nn.ConvTranspose3d) -> torch.Tensor:
     """A stride-2, kernel-2 transposed conv's weight as (C_in, 8 * C_out), sub-voxel order
-    (kd, kh, kw) then channel."""
-    return conv.weight.permute(0, 2, 3, 4, 1).reshape(conv.in_channels, 8 * conv.out_channels)
+    (kd, kh, kw) then channel.
+
+    The permuted copy (1.2 MB for the first upscaling) is kept on the module while the weight
+    stays the same tensor at the same version, outside autograd and ``torch.compile``: a click
+    then skips it (~0.3 ms of a 15 ms one-thread CPU click; two copy kernels on a GPU).
+    """
+    weight = conv.weight
+    if (weight.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return weight.permute(0, 2, 3, 4, 1).reshape(conv.in_channels, 8 * conv.out_channels)
+    version = None if weight.is_inference() else weight._version
+    key = (weight.data_ptr(), version, weight.dtype, weight.device)
+    cached = conv.__dict__.get("_patch_cache")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            permuted = weight.permute(0, 2, 3, 4, 1).reshape(conv.in_channels, -1).contiguous()
+        cached = conv.__dict__["_patch_cache"] = (key, permuted)
+    return cached[1]
 
 
 def _patch_deconv(conv: nn.ConvTranspose3d, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
