@@ -9,10 +9,12 @@
 #            w768 / w384    the student from scratch at full width (768) and at the shipped width
 #                           (384), same recipe and minutes: which width pays per device-minute,
 #                           and whether int8 holds at full width (checked in call 3)
+#   (or all in one call: bash scripts/device_width_multimask.sh solo MIN   the profile, then ft_mm
+#            alone on the GPU for MIN minutes; returns its logs and best weights)
 #   (call 2: bash scripts/device_width_multimask.sh watch    progress after SLEEP seconds, 480 by
 #            default; SLEEP also sets how long start waits, 400 by default)
 #   last:    bash scripts/device_width_multimask.sh finish   waits for the runs; scores w768 and
-#            w384 in fp32, fp16 and int8 on the selection set; the CUDA tests; returns the logs,
+#            w384 in fp32, fp16 and int8 on the selection set; returns the logs,
 #            ft_mm's best (int8; its last if the best is step 0) and ft_mm_frozen's decoder
 #   here:    bash scripts/eval45.sh MODEL runs/eval_NAME   (decoder-only files: merge them with the
 #            default's image encoder first, `python scripts/merge_decoder.py PART OUT`)
@@ -34,6 +36,14 @@ start)
   sleep "${SLEEP:-400}"; progress ;;
 watch)
   sleep "${SLEEP:-480}"; progress ;;
+solo)  # one call: the refinement profile, then ft_mm alone for MIN minutes; returns its best
+  MIN=$2 RUNS=ft_mm; gpu_info
+  timeout 150 python3 benchmarks/profile_refine_gpu.py --repeats 200 2>&1 | tee "$OUT/refine_profile_before.txt"
+  v5_recipe "$MIN"
+  launch ft_mm finetune --from fastsam3d/weights/default.safetensors --multimask --val-every 60 --lr 3e-5
+  wait_runs; progress
+  pack_runs ft_mm
+  fetch "$(pick ft_mm)" ;;
 finish)
   wait_runs; progress
   python3 - <<'PY' | tee "$OUT/width_dtypes.jsonl"
@@ -53,7 +63,6 @@ for run in ("w768", "w384"):
         val = CropValidator(cases, size=model.config.img_size, spacing=model.config.crop_spacing_mm)
         print(json.dumps({"run": run, "dtype": dtype, **val(model)}), flush=True)
 PY
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_perf_paths.py -k cuda 2>&1 | tail -3
   pack_runs $RUNS
   fetch "$(pick ft_mm)"
   fetch_decoder "$(pick ft_mm_frozen)" ;;
