@@ -36,9 +36,9 @@ start)
   sleep "${SLEEP:-400}"; progress ;;
 watch)
   sleep "${SLEEP:-480}"; progress ;;
-profile)  # the refinement profile alone (about 2 minutes)
+profile)  # the refinement profile alone (2-4 minutes)
   gpu_info
-  timeout 150 python3 benchmarks/profile_refine_gpu.py --repeats 200 2>&1 | tee "$OUT/refine_profile.txt" ;;
+  timeout 240 python3 benchmarks/profile_refine_gpu.py --repeats 200 2>&1 | tee "$OUT/refine_profile.txt" ;;
 solo)  # one call: the refinement profile, then ft_mm alone for MIN minutes; returns its best
   MIN=$2 RUNS=ft_mm; gpu_info
   timeout 150 python3 benchmarks/profile_refine_gpu.py --repeats 200 2>&1 | tee "$OUT/refine_profile_before.txt"
