@@ -138,15 +138,19 @@ def _patch_weight(conv: nn.ConvTranspose3d) -> torch.Tensor:
     """
     weight = conv.weight
     if (weight.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-        return weight.permute(0, 2, 3, 4, 1).reshape(conv.in_channels, 8 * conv.out_channels)
+        return _patch_layout(conv)
     version = None if weight.is_inference() else weight._version
     key = (weight.data_ptr(), version, weight.dtype, weight.device)
     cached = conv.__dict__.get("_patch_cache")
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            permuted = weight.permute(0, 2, 3, 4, 1).reshape(conv.in_channels, -1).contiguous()
-        cached = conv.__dict__["_patch_cache"] = (key, permuted)
+            cached = conv.__dict__["_patch_cache"] = (key, _patch_layout(conv))
     return cached[1]
+
+
+def _patch_layout(conv: nn.ConvTranspose3d) -> torch.Tensor:
+    """``conv.weight`` permuted to (C_in, 8 * C_out) (a copy: the permutation is no view)."""
+    return conv.weight.permute(0, 2, 3, 4, 1).reshape(conv.in_channels, 8 * conv.out_channels)
 
 
 def _patch_deconv(conv: nn.ConvTranspose3d, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
