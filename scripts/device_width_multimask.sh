@@ -23,12 +23,14 @@ RUNS="ft_mm ft_mm_frozen w768 w384"
 pick() {  # RUN: RUN/best, or RUN/model when the best checkpoint is the starting one (step 0)
   python3 -c "import json; s=json.load(open('/tmp/$1/state.json')); print('$1/' + ('best' if s['best']['step'] else 'model'))"
 }
+profile() {  # SECONDS: issue 8's refinement profile, alone on the GPU, into $OUT
+  timeout "$1" python3 benchmarks/profile_refine_gpu.py --repeats 200 2>&1 | tee "$OUT/refine_profile.txt"
+}
+FT=(finetune --from fastsam3d/weights/default.safetensors --multimask --val-every 60)
 case $1 in
 start)
-  MIN=$2; gpu_info
-  timeout 150 python3 benchmarks/profile_refine_gpu.py --repeats 200 2>&1 | tee "$OUT/refine_profile_before.txt"
+  MIN=$2; gpu_info; profile 150
   v5_recipe "$MIN"
-  FT=(finetune --from fastsam3d/weights/default.safetensors --multimask --val-every 60)
   launch ft_mm "${FT[@]}" --lr 3e-5
   launch ft_mm_frozen "${FT[@]}" --freeze-encoder --lr 1e-4
   launch w768 train --set crop_spacing_mm=1.0 --lr 5e-4
@@ -37,13 +39,11 @@ start)
 watch)
   sleep "${SLEEP:-480}"; progress ;;
 profile)  # the refinement profile alone (2-4 minutes)
-  gpu_info
-  timeout 240 python3 benchmarks/profile_refine_gpu.py --repeats 200 2>&1 | tee "$OUT/refine_profile.txt" ;;
+  gpu_info; profile 240 ;;
 solo)  # one call: the refinement profile, then ft_mm alone for MIN minutes; returns its best
-  MIN=$2 RUNS=ft_mm; gpu_info
-  timeout 150 python3 benchmarks/profile_refine_gpu.py --repeats 200 2>&1 | tee "$OUT/refine_profile_before.txt"
+  MIN=$2 RUNS=ft_mm; gpu_info; profile 150
   v5_recipe "$MIN"
-  launch ft_mm finetune --from fastsam3d/weights/default.safetensors --multimask --val-every 60 --lr 3e-5
+  launch ft_mm "${FT[@]}" --lr 3e-5
   wait_runs; progress
   pack_runs ft_mm
   fetch "$(pick ft_mm)" ;;
