@@ -27,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fastsam3d.predictor import Predictor
 from fastsam3d.session import Edit, Session, _Object, _Tile, _true_box
-from fastsam3d.transforms import crop_logits_to_native
+from fastsam3d.transforms import crop_logits_to_native, upsample_logits
 
 LOW_RES = 32
 # bench_refine's volumes: shape, spacing (mm)
@@ -177,10 +176,7 @@ class ClickRunner:
         self.prev = self.zeros
 
     def _mask(self, low_res: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(
-            low_res[:, :1], size=(self.size,) * 3, mode="trilinear", align_corners=False
-        )
-        return up[0, 0] > 0
+        return upsample_logits(low_res[:, :1], self.size)[0, 0] > 0
 
     @torch.inference_mode()
     def encoder(self) -> None:
@@ -349,8 +345,7 @@ def bench_batch(
             masks = torch.zeros(images.shape[0], 1, LOW_RES, LOW_RES, LOW_RES, device=device)
             sparse, dense = model.prompt_encoder((coords, labels), None, masks)
             low, _ = model.mask_decoder(emb, pe, sparse, dense, False)
-        up = F.interpolate(low.float(), scale_factor=4, mode="trilinear", align_corners=False)
-        return up > 0
+        return upsample_logits(low.float(), 4 * low.shape[-1]) > 0
 
     for b in batches:
         images = crop.to(device).repeat(b, 1, 1, 1, 1)

@@ -263,8 +263,43 @@ def native_bbox(
 
 
 def upsample_logits(low_res: torch.Tensor, size: int = CROP_SIZE) -> torch.Tensor:
-    """Official low-res (B, 1, 32, 32, 32) logits -> (B, 1, size^3), trilinear, align_corners=False."""
-    return F.interpolate(low_res, size=(size,) * 3, mode="trilinear", align_corners=False)
+    """Low-res (B, K, s, s, s) logits (official: 32^3) -> (B, K, size^3), the same as
+    ``F.interpolate(..., mode="trilinear", align_corners=False)``.
+
+    Trilinear weights are products of 1D ones, so this is three matrix products with the
+    (size, s) 1D matrix (:func:`_upsampling_matrix`), each a single GEMM: ~4x faster than
+    ``F.interpolate`` on one CPU thread (2.5 vs 10.5 ms to a thresholded 128^3 mask), and
+    differentiable (the training loss is taken on it).
+    """
+    b, k, d, h, w = low_res.shape
+    if not d == h == w:
+        raise ValueError(f"upsample_logits takes cubic logits, got {tuple(low_res.shape)}")
+    m = _upsampling_weights(d, size, low_res.dtype, low_res.device)
+    x = (m @ low_res.reshape(b * k, d, h * w)).reshape(b * k, size, h, w)  # along axis 2
+    x = m @ x  # along axis 3 (m broadcast over batch and axis 2): (B*K, size, size, w)
+    return (x @ m.T).reshape(b, k, size, size, size)  # along axis 4
+
+
+@functools.lru_cache(maxsize=8)
+def _upsampling_matrix(low: int, size: int) -> np.ndarray:
+    """(size, low) 1D linear upsampling matrix, align_corners=False as ``F.interpolate``:
+    full-res voxel u reads low-res position (u + 0.5) * low / size - 0.5, clamped to the
+    border. Read-only (cached)."""
+    src = np.maximum((np.arange(size) + 0.5) * low / size - 0.5, 0.0)
+    mat = _linear_taps(src, low, border=True)
+    mat.flags.writeable = False
+    return mat
+
+
+@functools.lru_cache(maxsize=8)
+def _upsampling_weights(
+    low: int, size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """:func:`_upsampling_matrix` as a tensor, made once per dtype and device (no host copy
+    per click); a normal tensor even if first asked for under inference mode, so that
+    training can save it for the backward pass."""
+    with torch.inference_mode(False):
+        return torch.tensor(_upsampling_matrix(low, size), dtype=dtype, device=device)
 
 
 # (bbox slices, box shape, box voxel -> crop voxel map, its axis permutation or None)
@@ -355,10 +390,7 @@ def _native_axis_maps(
     ``F.interpolate``) with the border-clamped linear sampling of the full-resolution crop (as
     ``grid_sample(..., "border", align_corners=True)``), and which rows lie inside the cube
     (within half a crop voxel of its outer voxel centres)."""
-    up = np.eye(size)
-    if low != size:  # full-res voxel u reads low-res position (u + 0.5) * low / size - 0.5
-        src = np.maximum((np.arange(size) + 0.5) * low / size - 0.5, 0.0)
-        up = _linear_taps(src, low, border=True)
+    up = np.eye(size) if low == size else _upsampling_matrix(low, size)
     inv = [axes.index(p) for p in range(3)]  # crop axis that native axis p runs along
     mats, inside = [], []
     for p in range(3):

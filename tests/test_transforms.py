@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastsam3d.transforms import (
     CropGrid,
@@ -15,6 +16,7 @@ from fastsam3d.transforms import (
     native_mask_to_crop_logits,
     normalize_crop,
     sample_crop,
+    upsample_logits,
 )
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
@@ -109,3 +111,20 @@ def test_native_mask_to_crop_logits_sign():
     low = native_mask_to_crop_logits(mask, aff, grid, low_res=16)
     assert low.shape == (1, 1, 16, 16, 16)
     assert torch.all(low[0, 0, :7] > 0) and torch.all(low[0, 0, 9:] < 0)
+
+
+@pytest.mark.parametrize(("shape", "size"), [((2, 3, 32, 32, 32), 128), ((1, 1, 16, 16, 16), 40)])
+def test_upsample_logits_is_trilinear_interpolation(shape, size):
+    """The separable matrix products equal F.interpolate, values and gradients, also when the
+    1D matrix was first made under inference mode (the training loss backpropagates through it)."""
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        upsample_logits(torch.randn(shape), size)
+    x.requires_grad_()
+    got = upsample_logits(x, size)
+    want = F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(want)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), x)
+    (g_want,) = torch.autograd.grad((want * weights).sum(), x)
+    torch.testing.assert_close(g_got, g_want, atol=1e-4, rtol=1e-4)

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastsam3d.atomic import atomic_path, write_text
@@ -43,7 +42,7 @@ from fastsam3d.simulate import Rule, next_click
 from fastsam3d.training.data import Case, RealCropSampler
 from fastsam3d.training.losses import dice_ce_loss, dice_ce_per_mask, iou_head_loss
 from fastsam3d.training.synthetic import SyntheticConfig, generate, pick_targets
-from fastsam3d.transforms import MODEL_SPACING_MM, normalize_crop
+from fastsam3d.transforms import MODEL_SPACING_MM, normalize_crop, upsample_logits
 
 
 @dataclass
@@ -260,7 +259,7 @@ def click_loss(
             logits, up, seg, iou_l = _multimask_round(model, emb, pe, sparse, dense, target)
         else:
             logits, iou = model.mask_decoder(emb, pe, sparse, dense, multimask_output=False)
-            up = _to_crop(logits, s)
+            up = upsample_logits(logits.float(), s)
             seg = dice_ce_loss(up, target)
             iou_l = iou_head_loss(iou, up, target)
         total = total + seg + iou_l
@@ -274,11 +273,6 @@ def click_loss(
     loss = total / rounds
     metrics["loss"] = loss.item()
     return loss, metrics
-
-
-def _to_crop(logits: Tensor, size: int) -> Tensor:
-    """Low-res logits upsampled (trilinear, float32) to the crop, where the loss is taken."""
-    return F.interpolate(logits.float(), size=(size,) * 3, mode="trilinear", align_corners=False)
 
 
 def _multimask_round(
@@ -295,7 +289,7 @@ def _multimask_round(
     """
     s, dec = target.shape[-1], model.mask_decoder
     logits, iou = dec(emb, pe, sparse, dense, False, outputs=range(dec.num_mask_tokens))
-    up = _to_crop(logits, s)
+    up = upsample_logits(logits.float(), s)
     per_mask = dice_ce_per_mask(up, target)  # (B, 4)
     seg = per_mask[:, 0].mean() + per_mask[:, 1:].min(dim=1).values.mean()
     iou_l = iou_head_loss(iou, up, target)
