@@ -11,6 +11,8 @@
 #                           and whether int8 holds at full width (checked in call 3)
 #   (or all in one call: bash scripts/device_width_multimask.sh solo MIN   the profile, then ft_mm
 #            alone on the GPU for MIN minutes; returns its logs and best weights)
+#   (or: bash scripts/device_width_multimask.sh width MIN   w768 and w384 alone, side by side for
+#            MIN minutes, then scored as in finish; one call)
 #   (call 2: bash scripts/device_width_multimask.sh watch    progress after SLEEP seconds, 480 by
 #            default; SLEEP also sets how long start waits, 400 by default)
 #   last:    bash scripts/device_width_multimask.sh finish   waits for the runs; scores w768 and
@@ -26,29 +28,7 @@ pick() {  # RUN: RUN/best, or RUN/model when the best checkpoint is the starting
 profile() {  # SECONDS: issue 8's refinement profile, alone on the GPU, into $OUT
   timeout "$1" python3 benchmarks/profile_refine_gpu.py --repeats 200 2>&1 | tee "$OUT/refine_profile.txt"
 }
-FT=(finetune --from fastsam3d/weights/default.safetensors --multimask --val-every 60)
-case $1 in
-start)
-  MIN=$2; gpu_info; profile 150
-  v5_recipe "$MIN"
-  launch ft_mm "${FT[@]}" --lr 3e-5
-  launch ft_mm_frozen "${FT[@]}" --freeze-encoder --lr 1e-4
-  launch w768 train --set crop_spacing_mm=1.0 --lr 5e-4
-  launch w384 train --set crop_spacing_mm=1.0 --set embed_dim=384 --set num_heads=6 --lr 5e-4
-  sleep "${SLEEP:-400}"; progress ;;
-watch)
-  sleep "${SLEEP:-480}"; progress ;;
-profile)  # the refinement profile alone (2-4 minutes)
-  gpu_info; profile 240 ;;
-solo)  # one call: the refinement profile, then ft_mm alone for MIN minutes; returns its best
-  MIN=$2 RUNS=ft_mm; gpu_info; profile 150
-  v5_recipe "$MIN"
-  launch ft_mm "${FT[@]}" --lr 3e-5
-  wait_runs; progress
-  pack_runs ft_mm
-  fetch "$(pick ft_mm)" ;;
-finish)
-  wait_runs; progress
+score_widths() {  # w768 and w384's best in fp32, fp16 and int8 on the selection set
   python3 - <<'PY' | tee "$OUT/width_dtypes.jsonl"
 import json, subprocess
 from fastsam3d.registry import build_model
@@ -66,6 +46,39 @@ for run in ("w768", "w384"):
         val = CropValidator(cases, size=model.config.img_size, spacing=model.config.crop_spacing_mm)
         print(json.dumps({"run": run, "dtype": dtype, **val(model)}), flush=True)
 PY
+}
+FT=(finetune --from fastsam3d/weights/default.safetensors --multimask --val-every 60)
+W768=(train --set crop_spacing_mm=1.0 --lr 5e-4)
+W384=("${W768[@]}" --set embed_dim=384 --set num_heads=6)
+case $1 in
+start)
+  MIN=$2; gpu_info; profile 150
+  v5_recipe "$MIN"
+  launch ft_mm "${FT[@]}" --lr 3e-5
+  launch ft_mm_frozen "${FT[@]}" --freeze-encoder --lr 1e-4
+  launch w768 "${W768[@]}"
+  launch w384 "${W384[@]}"
+  sleep "${SLEEP:-400}"; progress ;;
+watch)
+  sleep "${SLEEP:-480}"; progress ;;
+width)  # one call: w768 and w384 side by side for MIN minutes, then scored as in finish
+  MIN=$2 RUNS="w768 w384"; gpu_info
+  v5_recipe "$MIN"
+  launch w768 "${W768[@]}"
+  launch w384 "${W384[@]}"
+  wait_runs; progress; score_widths
+  pack_runs $RUNS ;;
+profile)  # the refinement profile alone (2-4 minutes)
+  gpu_info; profile 240 ;;
+solo)  # one call: the refinement profile, then ft_mm alone for MIN minutes; returns its best
+  MIN=$2 RUNS=ft_mm; gpu_info; profile 150
+  v5_recipe "$MIN"
+  launch ft_mm "${FT[@]}" --lr 3e-5
+  wait_runs; progress
+  pack_runs ft_mm
+  fetch "$(pick ft_mm)" ;;
+finish)
+  wait_runs; progress; score_widths
   pack_runs $RUNS
   fetch "$(pick ft_mm)"
   fetch_decoder "$(pick ft_mm_frozen)" ;;
