@@ -275,8 +275,9 @@ def upsample_logits(low_res: torch.Tensor, size: int = CROP_SIZE) -> torch.Tenso
     if not d == h == w:
         raise ValueError(f"upsample_logits takes cubic logits, got {tuple(low_res.shape)}")
     m = _upsampling_weights(d, size, low_res.dtype, low_res.device)
-    x = (m @ low_res.reshape(b * k, d, h * w)).reshape(b * k, size, h, w)  # along axis 2
-    x = m @ x  # along axis 3 (m broadcast over batch and axis 2): (B*K, size, size, w)
+    x = (m @ low_res.reshape(b * k, d, h * w)).reshape(b * k * size, h, w)  # along axis 2
+    # along axis 3: m expanded (not copied, as a broadcasting matmul would) over the batch
+    x = torch.bmm(m.expand(x.shape[0], size, h), x)  # (B*K*size, size, w)
     return (x @ m.T).reshape(b, k, size, size, size)  # along axis 4
 
 
