@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout too
 
 import torch
+import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
 from fastsam3d.bench import ClickRunner, environment, synthetic_crop, time_ms
@@ -77,22 +78,36 @@ def kernel_profile(runner: ClickRunner, clicks: int = 20) -> tuple[dict, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--checkpoint", default="fastsam3d/weights/default.safetensors")
-    ap.add_argument("--modes", default="cudagraphs,inductor-graphs")
+    ap.add_argument(
+        "--modes",
+        default="cudagraphs,inductor-graphs",
+        help="MODE or MODE+freezing, comma-separated",
+    )
     ap.add_argument("--repeats", type=int, default=200)
     args = ap.parse_args()
     dev = torch.device("cuda")
     print(json.dumps(environment(dev)), flush=True)
     crop, click = synthetic_crop()
-    tables = []
-    for mode in args.modes.split(","):
+    tables, first_mask = [], None
+    for name in args.modes.split(","):
+        # MODE+freezing: inductor's freezing (weights folded in as constants) while it compiles
+        mode, _, extra = name.partition("+")
         model = build_model("fastsam3d_dilated", checkpoint=args.checkpoint).to(torch.bfloat16)
         runner = ClickRunner(Predictor(model, dev, dtype="bf16", compile=mode), crop, click)
-        runner.first()
-        for n in (2, 10):
-            print(json.dumps({"mode": mode, **parts(runner, n, args.repeats)}), flush=True)
+        with torch._inductor.config.patch(freezing=extra == "freezing"):
+            runner.first()
+            for n in (2, 10):
+                print(json.dumps({"mode": name, **parts(runner, n, args.repeats)}), flush=True)
+        mask = runner.refine()  # 10 prompts: the same clicks in every mode
+        first_mask = mask if first_mask is None else first_mask
+        total = (mask.sum() + first_mask.sum()).item()  # both empty: the same answer
+        dice = 2 * (mask & first_mask).sum().item() / total if total else 1.0
         summary, table = kernel_profile(runner)
-        print(json.dumps({"mode": mode, "prompts": 10, **summary}), flush=True)
-        tables.append(f"== {mode}, bf16 weights, refinement at 10 prompts ==\n{table}")
+        print(
+            json.dumps({"mode": name, "prompts": 10, "dice_vs_first_mode": dice, **summary}),
+            flush=True,
+        )
+        tables.append(f"== {name}, bf16 weights, refinement at 10 prompts ==\n{table}")
     print("\n".join(tables))
 
 
