@@ -28,7 +28,8 @@ pick() {  # RUN: RUN/best, or RUN/model when the best checkpoint is the starting
 profile() {  # SECONDS: issue 8's refinement profile, alone on the GPU, into $OUT
   timeout "$1" python3 benchmarks/profile_refine_gpu.py --repeats 200 2>&1 | tee "$OUT/refine_profile.txt"
 }
-score_widths() {  # w768 and w384's best in fp32, fp16 and int8 on the selection set
+score_widths() {  # w768 and w384 (their best, or their last when the best is step 0: pick) in
+  # fp32, fp16 and int8 on the selection set
   python3 - <<'PY' | tee "$OUT/width_dtypes.jsonl"
 import json, subprocess
 from fastsam3d.registry import build_model
@@ -36,7 +37,8 @@ from fastsam3d.training.data import load_cases
 from fastsam3d.training.validate import CropValidator
 cases = load_cases(".device_carry/val_select.safetensors")
 for run in ("w768", "w384"):
-    src = f"/tmp/{run}/best.safetensors"
+    best = json.load(open(f"/tmp/{run}/state.json"))["best"]["step"]
+    src = f"/tmp/{run}/{'best' if best else 'model'}.safetensors"  # as pick()
     for dtype in ("fp32", "fp16", "int8"):
         path = src
         if dtype != "fp32":
@@ -44,7 +46,7 @@ for run in ("w768", "w384"):
             subprocess.run(["python3", "-m", "fastsam3d", "convert", src, path, "--dtype", dtype], check=True)
         model = build_model(checkpoint=path).cuda()
         val = CropValidator(cases, size=model.config.img_size, spacing=model.config.crop_spacing_mm)
-        print(json.dumps({"run": run, "dtype": dtype, **val(model)}), flush=True)
+        print(json.dumps({"run": run, "weights": src, "dtype": dtype, **val(model)}), flush=True)
 PY
 }
 FT=(finetune --from fastsam3d/weights/default.safetensors --multimask --val-every 60)
