@@ -16,6 +16,7 @@ Conventions (docs/ARCHITECTURE.md): tensor axes 2, 3, 4 of a crop are R, A, S; c
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -473,6 +474,65 @@ def _axis_maps(
     return frame, _AxisMaps(lo, tuple(inv), mats32, tuple(reach), ins)
 
 
+def _paste_oblique(
+    canvas: torch.Tensor,
+    origin: np.ndarray,
+    end: np.ndarray,
+    logits: torch.Tensor,
+    grid: CropGrid,
+    frame: _Frame,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`paste_crop_mask` for an oblique crop. Where the canvas holds no True voxel in the
+    crop's box yet (a click's one tile), only the native voxels that the positive low-res
+    logits reach are sampled: a refinement then maps the object, not the whole box (on the
+    2-core CPU, a volume tilted 15 degrees: 256 x 256 x 160 voxels 0.33 -> 0.07 s, 512 x 512 x
+    300 0.32 -> 0.20 s). Otherwise the whole box, so that earlier tiles' voxels inside the cube
+    are overwritten. The sub-box's sampling positions round differently from the whole box's
+    in the last bit, so a voxel whose logit is ~1e-7 from 0 may come out the other way."""
+    bbox, box, native_to_crop, _ = frame
+    start = np.array([s.start for s in bbox])
+    a, b = np.maximum(start, origin), np.minimum(start + np.asarray(box), end)
+    if min(box) <= 0 or np.any(b <= a):
+        return None
+    if not bool(canvas[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, origin))].any()):
+        reach = _oblique_reach(logits, native_to_crop, grid.size)
+        if reach is None:
+            return None
+        a, b = np.maximum(a, start + reach[0]), np.minimum(b, start + reach[1])
+        if np.any(b <= a):
+            return None
+    shift = np.eye(4)
+    shift[:3, 3] = a - start
+    sub = (tuple(slice(int(x), int(y)) for x, y in zip(a, b)), tuple(int(n) for n in b - a),
+           native_to_crop @ shift, None)  # fmt: skip
+    _, values, inside = _logits_in_frame(logits, grid, sub)
+    dst = tuple(slice(x - o, y - o) for x, y, o in zip(a, b, origin))
+    canvas[dst] = torch.where(inside, values > 0, canvas[dst])
+    return a, b
+
+
+def _oblique_reach(
+    logits: torch.Tensor, native_to_crop: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Box [lo, hi) of frame voxels (``native_to_crop`` maps them to crop voxels) outside which
+    the sampled logits are <= 0, None if no low-res logit is > 0.
+
+    Every upsampled value is a convex combination of the low-res logits within one low-res
+    voxel of its position, and every sampled one of the upsampled values within one crop voxel
+    (border clamping only repeats edge values), so a positive needs a positive low-res voxel
+    within that reach."""
+    positive = (logits[0, 0] > 0).nonzero().cpu().numpy()
+    if not len(positive):
+        return None
+    scale = size / logits.shape[-1]
+    lo = (positive.min(0) - 0.5) * scale - 0.5 - 1  # crop voxels, widened by the two reaches
+    hi = (positive.max(0) + 1.5) * scale - 0.5 + 1
+    corners = np.array(list(itertools.product(*zip(lo, hi))))
+    to_frame = np.linalg.inv(native_to_crop)
+    vox = corners @ to_frame[:3, :3].T + to_frame[:3, 3]
+    return np.floor(vox.min(0)).astype(int), np.ceil(vox.max(0)).astype(int) + 1
+
+
 def paste_crop_mask(
     canvas: torch.Tensor,
     origin: np.ndarray,
@@ -497,16 +557,8 @@ def paste_crop_mask(
     end = origin + np.asarray(canvas.shape)
     key = tuple(float(v) for v in np.asarray(affine, dtype=np.float64).ravel())
     frame, maps = _axis_maps(grid, key, tuple(int(n) for n in shape[:3]), logits.shape[-1])
-    if maps is None:  # oblique (or empty): sample the whole box, keep the canvas outside the cube
-        bbox, values, inside = _logits_in_frame(logits, grid, frame)
-        a = np.maximum([s.start for s in bbox], origin)
-        b = np.minimum([s.stop for s in bbox], end)
-        if values.numel() == 0 or np.any(b <= a):
-            return None
-        src = tuple(slice(x - s.start, y - s.start) for x, y, s in zip(a, b, bbox))
-        dst = tuple(slice(x - o, y - o) for x, y, o in zip(a, b, origin))
-        canvas[dst] = torch.where(inside[src], values[src] > 0, canvas[dst])
-        return a, b
+    if maps is None:  # oblique (or empty): sample the box, keep the canvas outside the cube
+        return _paste_oblique(canvas, origin, end, logits, grid, frame)
     if maps.inside is None:
         return None
     a = np.maximum(maps.lo + maps.inside[0], origin)  # native box inside the cube and canvas

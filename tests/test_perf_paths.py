@@ -373,3 +373,34 @@ def test_launched_ops_counts_work_not_views() -> None:
     assert 0 < refine < first and 0 < encoder < first
     x = torch.zeros(4, 4)
     assert launched_ops(lambda: x.t().reshape(16)[None], cpu) == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("kind", ["blob", "sparse", "edge", "none"])
+def test_oblique_paste_on_an_empty_canvas_maps_only_what_the_logits_reach(
+    seed, kind, oblique_affine
+):
+    """An oblique crop pasted where the canvas holds nothing yet samples only the voxels its
+    positive low-res logits reach: the same mask as thresholding the whole box (up to a voxel
+    whose logit rounds across 0 with the sub-box's sampling positions)."""
+    shape = (60, 50, 40)
+    center = (oblique_affine @ np.array([30, 25, 20, 1.0]))[:3]
+    grid = tr.CropGrid.around(center, spacing=1.5, size=32)
+    gen = torch.Generator().manual_seed(seed)
+    low = -1.0 - torch.rand(1, 1, 8, 8, 8, generator=gen)
+    if kind == "blob":
+        low[..., 2:5, 3:6, 1:4] = torch.randn(3, 3, 3, generator=gen) + 0.5
+    elif kind == "sparse":
+        low[..., 7, 0, 4] = 2.0
+    elif kind == "edge":  # positive on the crop's faces, where sampling clamps to the border
+        low[..., 0, :, :] = 1.0
+        low[..., :, :, 7] = 1.0
+    bbox, values, inside = tr.crop_logits_to_native(low, grid, oblique_affine, shape)
+    expected = torch.zeros(shape, dtype=torch.bool)
+    expected[bbox] = (values > 0) & inside
+    canvas = torch.zeros(shape, dtype=torch.bool)
+    box = tr.paste_crop_mask(canvas, np.zeros(3, int), low, grid, oblique_affine, shape)
+    assert (box is None) == (kind == "none")
+    assert torch.count_nonzero(canvas != expected) <= 2
+    if kind != "none":
+        assert expected.any()
