@@ -99,7 +99,10 @@ class ModelConfig:
         pe_blocks = 3 if self.duplicate_sine else 2  # (sin, cos, sin) or (sin, cos) features
         checks = [
             (self.embed_dim % self.num_heads == 0, "embed_dim must be a multiple of num_heads"),
-            (self.prompt_embed_dim % pe_blocks == 0, f"prompt_embed_dim must be a multiple of {pe_blocks}"),
+            (
+                self.prompt_embed_dim % pe_blocks == 0,
+                f"prompt_embed_dim must be a multiple of {pe_blocks}",
+            ),
             (
                 self.prompt_embed_dim % (2 * self.decoder_heads) == 0,
                 "prompt_embed_dim must be a multiple of 2 * decoder_heads",

@@ -445,7 +445,9 @@ def test_multimask_first_click_starts_from_the_single_output_and_trains_the_best
     loss, metrics = click_loss(model, batch, torch.Generator().manual_seed(0), rounds=1)
     loss.backward()
     mlps = model.mask_decoder.output_hypernetworks_mlps
-    moved = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters()) for m in mlps]
+    moved = [
+        any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters()) for m in mlps
+    ]
     assert moved[0] and sum(moved[1:]) >= 1, moved
     assert 0 <= metrics["dice1"] <= 1
 
@@ -469,11 +471,14 @@ def test_dice_ce_is_monais_with_its_gradient_in_closed_form(monkeypatch) -> None
     (grad,) = torch.autograd.grad((per_mask * weights).sum(), logits)
     prob = logits.sigmoid()
     t = target.float()
-    plain = 1 - (2 * (prob * t).sum((2, 3, 4)) + 1e-5) / (
-        prob.square().sum((2, 3, 4)) + t.sum((2, 3, 4)) + 1e-5
-    ) + torch.nn.functional.binary_cross_entropy_with_logits(
-        logits, t.expand_as(logits), reduction="none"
-    ).mean((2, 3, 4))
+    plain = (
+        1
+        - (2 * (prob * t).sum((2, 3, 4)) + 1e-5)
+        / (prob.square().sum((2, 3, 4)) + t.sum((2, 3, 4)) + 1e-5)
+        + torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, t.expand_as(logits), reduction="none"
+        ).mean((2, 3, 4))
+    )
     (expected,) = torch.autograd.grad((plain * weights).sum(), logits)
     torch.testing.assert_close(grad, expected)
 

@@ -48,14 +48,18 @@ def test_crop_and_normalisation_match_official_torchio(preprocess_io):
     grid = CropGrid(origin=(-4.0, 4.0, -10.0), spacing=1.0, size=32)
     crop = sample_crop(raw, np.eye(4), grid)
     np.testing.assert_array_equal(crop[0, 0].numpy(), preprocess_io["cropped_raw"])
-    np.testing.assert_allclose(normalize_crop(crop)[0, 0].numpy(), preprocess_io["normalized"], atol=1e-5)
+    np.testing.assert_allclose(
+        normalize_crop(crop)[0, 0].numpy(), preprocess_io["normalized"], atol=1e-5
+    )
 
 
 def test_normalize_crop_is_batched():
     x = torch.rand(3, 1, 8, 8, 8) * torch.tensor([1.0, 10.0, 100.0]).view(3, 1, 1, 1, 1)
     out = normalize_crop(x)
     for b in range(3):
-        np.testing.assert_allclose(out[b].numpy(), normalize_crop(x[b : b + 1])[0].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(
+            out[b].numpy(), normalize_crop(x[b : b + 1])[0].numpy(), rtol=1e-5
+        )
         fg = x[b] > 0
         assert abs(float(out[b][fg].mean())) < 1e-4
 
@@ -75,7 +79,9 @@ def test_sample_crop_is_exact_on_linear_fields(seed):
     abc = np.stack(np.meshgrid(*[np.arange(16)] * 3, indexing="ij"), -1)
     expected = grid.crop_to_ras(abc) @ w + 100
     # compare only crop voxels well inside the volume
-    vox = (np.linalg.inv(aff) @ np.c_[grid.crop_to_ras(abc.reshape(-1, 3)), np.ones(16**3)].T).T[:, :3]
+    vox = (np.linalg.inv(aff) @ np.c_[grid.crop_to_ras(abc.reshape(-1, 3)), np.ones(16**3)].T).T[
+        :, :3
+    ]
     inside = np.all((vox >= 0) & (vox <= np.array(shape) - 1), axis=1).reshape(16, 16, 16)
     assert inside.sum() > 1000
     np.testing.assert_allclose(crop[inside], expected[inside], atol=1e-3)

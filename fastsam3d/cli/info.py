@@ -23,7 +23,9 @@ def info() -> None:
     table.add_row("fastsam3d", fastsam3d.__version__)
     table.add_row("python", platform.python_version())
     table.add_row("torch", torch.__version__)
-    table.add_row("cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available")
+    table.add_row(
+        "cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"
+    )
     table.add_row("cpu threads", str(torch.get_num_threads()))
     from fastsam3d.modeling import available_backends
     from fastsam3d.registry import DEFAULT_ARCH, list_architectures
