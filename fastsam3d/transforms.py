@@ -556,6 +556,7 @@ def paste_crop_mask(
     voxel reaches (every native value is a convex combination of low-res logits, so nothing
     else can be > 0), inside the cube and the canvas; their 1D maps are cached per crop. A
     refinement on a 512 x 512 x 300 CT so maps the object's extent, not the whole tile box.
+    Oblique crops sample the box around what the positive logits reach (:func:`_paste_oblique`).
     """
     origin = np.asarray(origin)
     end = origin + np.asarray(canvas.shape)
