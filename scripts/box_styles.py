@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from _labels import REPORT_LABELS
 
 from fastsam3d.evaluate import dice_nsd
 from fastsam3d.geometry import deepen_flat_box
@@ -57,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     volume = load_volume(DATA / "image.nii.gz")
     labels = np.asarray(load_volume(DATA / "label.nii.gz").array).round().astype(int)
-    ids = [int(v) for v in (ROOT / "scripts" / "report_labels.txt").read_text().split(",")]
+    ids = REPORT_LABELS
     step = voxel_spacing(volume.affine)
     sessions = {"bound": Session("default", device="cpu")}
     sessions["no bound"] = UnboundedSession(sessions["bound"].predictor)

@@ -24,7 +24,7 @@ from fastsam3d.checkpoint import load_model, save_safetensors
 from fastsam3d.simulate import next_click
 from fastsam3d.training.data import RealCropSampler, load_cases
 from fastsam3d.training.losses import mask_iou
-from fastsam3d.transforms import normalize_crop
+from fastsam3d.transforms import normalize_crop, upsample_logits
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def features(model, sampler: RealCropSampler, crops: int):
             prompt = (point.float(), torch.ones(1, 1, dtype=torch.long))
             sparse, dense = model.prompt_encoder(prompt, None, torch.zeros(1, 1, 32, 32, 32))
             logits, _ = dec(emb, pe, sparse, dense, False, outputs=range(4))
-            up = F.interpolate(logits, size=target.shape[2:], mode="trilinear", align_corners=False)
+            up = upsample_logits(logits, target.shape[-1])
             feats.append(captured.pop()[0])
             ious.append(mask_iou(up, target)[0])
             objects.append(hash(obj))

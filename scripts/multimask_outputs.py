@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from _labels import REPORT_LABELS
 
 from fastsam3d.checkpoint import load_model
 from fastsam3d.registry import build_model
 from fastsam3d.simulate import next_click
 from fastsam3d.training.data import load_case
 from fastsam3d.training.loop import start_multimask_from_single
-from fastsam3d.transforms import CropGrid, normalize_crop, sample_crop
+from fastsam3d.transforms import CropGrid, normalize_crop, sample_crop, upsample_logits
 from fastsam3d.weights import default_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def outputs(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor):
     pe = model.prompt_encoder.get_dense_pe()
     emb = model.image_encoder(image)
     logits, iou = model.mask_decoder(emb, pe, sparse, dense, False, outputs=range(4))
-    up = F.interpolate(logits, size=target.shape[2:], mode="trilinear", align_corners=False)[0]
+    up = upsample_logits(logits, target.shape[-1])[0]
     t = target[0, 0]
     dice = [2 * ((m > 0) & t).sum().item() / max(1, ((m > 0).sum() + t.sum()).item()) for m in up]
     stability = [((m > 1).sum() / (m > -1).sum().clamp_min(1)).item() for m in up]
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="*")
     parser.add_argument("--copied-default", action="store_true")
     args = parser.parse_args()
-    labels = [int(v) for v in (ROOT / "scripts" / "report_labels.txt").read_text().split(",")]
+    labels = REPORT_LABELS
     selection = np.isin(labels, labels[::2])
     data = crops(labels)
     models = {}

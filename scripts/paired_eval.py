@@ -15,8 +15,9 @@ import math
 import sys
 from pathlib import Path
 
-LABELS = [int(v) for v in (Path(__file__).parent / "report_labels.txt").read_text().split(",")]
-SELECTION = set(LABELS[::2])
+from _labels import REPORT_LABELS
+
+SELECTION = set(REPORT_LABELS[::2])
 GROUPS = {
     "organs": {1, 2, 3, 4, 5, 6, 7, 11, 14, 18, 19, 20, 21, 22},
     "vessels": {52, 63, 64, 65, 66, 67, 68},
@@ -48,7 +49,9 @@ def main() -> None:
     a, b = load(sys.argv[1]), load(sys.argv[2])
     for proto, steps in (("clicks", range(1, 6)), ("box+clicks", range(1, 7))):
         for s in steps:
-            keys = [(proto, s, label) for label in LABELS if (proto, s, label) in a.keys() & b]
+            keys = [
+                (proto, s, label) for label in REPORT_LABELS if (proto, s, label) in a.keys() & b
+            ]
             if not keys:
                 continue
             mean_a = sum(a[k] for k in keys) / len(keys)
