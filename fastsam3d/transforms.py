@@ -271,16 +271,18 @@ def upsample_logits(low_res: torch.Tensor, size: int = CROP_SIZE) -> torch.Tenso
     Trilinear weights are products of 1D ones, so this is three matrix products with the
     (size, s) 1D matrix (:func:`_upsampling_matrix`), each a single GEMM: ~4x faster than
     ``F.interpolate`` on one CPU thread (2.5 vs 10.5 ms to a thresholded 128^3 mask), and
-    differentiable (the training loss is taken on it).
+    differentiable (the training loss is taken on it). Computed in the input's dtype, also
+    under autocast (which would run the products in bfloat16; ``F.interpolate`` did not).
     """
     b, k, d, h, w = low_res.shape
     if not d == h == w:
         raise ValueError(f"upsample_logits takes cubic logits, got {tuple(low_res.shape)}")
     m = _upsampling_weights(d, size, low_res.dtype, low_res.device)
-    x = (m @ low_res.reshape(b * k, d, h * w)).reshape(b * k * size, h, w)  # along axis 2
-    # along axis 3: m expanded (not copied, as a broadcasting matmul would) over the batch
-    x = torch.bmm(m.expand(x.shape[0], size, h), x)  # (B*K*size, size, w)
-    return (x @ m.T).reshape(b, k, size, size, size)  # along axis 4
+    with torch.autocast(low_res.device.type, enabled=False):
+        x = (m @ low_res.reshape(b * k, d, h * w)).reshape(b * k * size, h, w)  # along axis 2
+        # along axis 3: m expanded (not copied, as a broadcasting matmul would) over the batch
+        x = torch.bmm(m.expand(x.shape[0], size, h), x)  # (B*K*size, size, w)
+        return (x @ m.T).reshape(b, k, size, size, size)  # along axis 4
 
 
 @functools.lru_cache(maxsize=8)

@@ -134,3 +134,14 @@ def test_upsample_logits_is_trilinear_interpolation(shape, size):
     (g_got,) = torch.autograd.grad((got * weights).sum(), x)
     (g_want,) = torch.autograd.grad((want * weights).sum(), x)
     torch.testing.assert_close(g_got, g_want, atol=1e-4, rtol=1e-4)
+
+
+def test_upsample_logits_keeps_float32_under_autocast():
+    """The training loss runs under bf16 autocast; the upsampled logits stay float32 there, as
+    F.interpolate kept them."""
+    x = torch.randn(1, 2, 32, 32, 32)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = upsample_logits(x)
+    assert got.dtype == torch.float32
+    want = F.interpolate(x, size=(128,) * 3, mode="trilinear", align_corners=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
