@@ -488,13 +488,13 @@ def _paste_oblique(
     """:func:`paste_crop_mask` for an oblique crop.
 
     Where the canvas holds no True voxel in the crop's box yet (a click's one tile), only the
-    native voxels that the positive low-res logits reach are sampled. A refinement then maps
-    the object, not the whole box: on the 2-core CPU, for a volume tilted 15 degrees, 0.33 ->
-    0.06 s at 256 x 256 x 160 voxels and 0.34 -> 0.17 s at 512 x 512 x 300 (with
-    :func:`_sampling_grid`'s broadcast sum). Otherwise the whole box is sampled, so that
-    earlier tiles' voxels inside the cube are overwritten. The sub-box's sampling positions
-    round differently from the whole box's in the last bit, so a voxel whose logit is ~1e-7
-    from 0 may come out the other way."""
+    native box that the positive low-res logits reach is mapped, and in it only the blocks
+    near the mask's surface are sampled (:func:`_oblique_mask`). A refinement on a volume
+    tilted 15 degrees, 2-core CPU: 0.31 -> 0.04 s at 256 x 256 x 160 voxels, 0.32 -> 0.08 s at
+    512 x 512 x 300. Otherwise the whole box is sampled, so that earlier tiles' voxels inside
+    the cube are overwritten. The sub-box's sampling positions round differently from the
+    whole box's in the last bit, so a voxel whose logit is ~1e-7 from 0 may come out the
+    other way."""
     bbox, box, native_to_crop, _ = frame
     start = np.array([s.start for s in bbox])
     a, b = np.maximum(start, origin), np.minimum(start + np.asarray(box), end)
@@ -507,14 +507,86 @@ def _paste_oblique(
         a, b = np.maximum(a, start + reach[0]), np.minimum(b, start + reach[1])
         if np.any(b <= a):
             return None
-    shift = np.eye(4)
-    shift[:3, 3] = a - start
-    sub = (tuple(slice(int(x), int(y)) for x, y in zip(a, b)), tuple(int(n) for n in b - a),
-           native_to_crop @ shift, None)  # fmt: skip
-    _, values, inside = _logits_in_frame(logits, grid, sub)
+        shift = np.eye(4)
+        shift[:3, 3] = a - start
+        dst = tuple(slice(x - o, y - o) for x, y, o in zip(a, b, origin))
+        canvas[dst] = _oblique_mask(logits, grid.size, native_to_crop @ shift, tuple(b - a))
+        return a, b
+    src = tuple(slice(x - s, y - s) for x, y, s in zip(a, b, start))
+    _, values, inside = _logits_in_frame(logits, grid, frame)
     dst = tuple(slice(x - o, y - o) for x, y, o in zip(a, b, origin))
-    canvas[dst] = torch.where(inside, values > 0, canvas[dst])
+    canvas[dst] = torch.where(inside[src], values[src] > 0, canvas[dst])
     return a, b
+
+
+#: native voxels per block edge of :func:`_oblique_mask`
+OBLIQUE_BLOCK = 8
+
+
+def _oblique_mask(
+    logits: torch.Tensor, size: int, box_to_crop: np.ndarray, box: tuple[int, ...]
+) -> torch.Tensor:
+    """``(sampled logits > 0) & inside the cube`` over an oblique native box, as
+    :func:`crop_logits_to_native` gives them, sampling only blocks near the mask's surface.
+
+    The box is cut into blocks of ``OBLIQUE_BLOCK``^3 voxels. Each block's voxels read low-res
+    logits from one small box (the crop positions of its corners, widened by the trilinear and
+    upsampling taps); every sampled value is a convex combination of those. A block whose box
+    holds no positive logit is False, one whose box holds only positive ones and that lies
+    inside the cube is True; only the other blocks are sampled (on an object the size of a
+    crop, ~1/5 of the voxels).
+    """
+    low = logits.shape[-1]
+    blk = OBLIQUE_BLOCK
+    nb = [-(-n // blk) for n in box]
+    corner = np.stack(np.meshgrid(*[np.arange(k) * blk for k in nb], indexing="ij"), -1)
+    corner = corner.reshape(-1, 3)
+    last = np.minimum(blk, np.asarray(box) - corner) - 1  # last voxel offset in each block
+    lin, shift = box_to_crop[:3, :3], box_to_crop[:3, 3]
+    reach = lin[None] * last[:, None, :]  # (blocks, crop axis, box axis)
+    c_lo = corner @ lin.T + shift + np.minimum(reach, 0).sum(-1)  # crop positions of the block
+    c_hi = corner @ lin.T + shift + np.maximum(reach, 0).sum(-1)
+    tol = 1e-4  # blocks this close to a cube face are sampled voxel by voxel
+    inside = ((c_lo >= -0.5 + tol) & (c_hi <= size - 0.5 - tol)).all(1)
+    outside = ((c_hi < -0.5 - tol) | (c_lo > size - 0.5 + tol)).any(1)
+    # full-res voxels the trilinear sampling reads (border-clamped), then their low-res taps
+    u_lo = np.clip(np.floor(c_lo) - 1, 0, size - 1)
+    u_hi = np.clip(np.ceil(c_hi) + 1, 0, size - 1)
+    scale = low / size
+    p_lo = np.clip(np.floor((u_lo + 0.5) * scale - 0.5), 0, low - 1).astype(int)
+    p_hi = np.clip(np.floor((u_hi + 0.5) * scale - 0.5) + 1, 0, low - 1).astype(int)
+    positive = (logits[0, 0] > 0).cpu().numpy()
+    table = np.pad(positive.cumsum(0).cumsum(1).cumsum(2), ((1, 0), (1, 0), (1, 0)))
+    count = sum(
+        (-1) ** (3 - sum(bits)) * table[tuple((p_hi if bit else p_lo - 1)[:, i] + 1
+                                               for i, bit in enumerate(bits))]
+        for bits in itertools.product((0, 1), repeat=3)
+    )  # fmt: skip
+    full = count == np.prod(p_hi - p_lo + 1, axis=1)
+    true = (full & inside & ~outside).reshape(nb)
+    mixed = np.flatnonzero((count > 0) & ~outside & ~(full & inside))
+    dev = logits.device
+    # the box padded to whole blocks, and a (block index, voxel in block) view of it
+    out = torch.zeros([k * blk for k in nb], dtype=torch.bool, device=dev)
+    blocks = out.view(nb[0], blk, nb[1], blk, nb[2], blk).permute(0, 2, 4, 1, 3, 5)
+    blocks[torch.from_numpy(true).to(dev)] = True
+    if len(mixed):
+        # their voxels as grid_sample's normalised (x, y, z) = (w, h, d): block corner + offset
+        offsets = np.stack(np.meshgrid(*[np.arange(blk)] * 3, indexing="ij"), -1).reshape(-1, 3)
+        to_norm = (lin * (2 / (size - 1)))[::-1]
+        norm = torch.as_tensor(corner[mixed] @ to_norm.T + (shift * (2 / (size - 1)) - 1)[::-1],
+                               dtype=torch.float32, device=dev)[:, None] + torch.as_tensor(
+            offsets @ to_norm.T, dtype=torch.float32, device=dev)[None]  # fmt: skip
+        full_res = upsample_logits(logits.float(), size) if low != size else logits.float()
+        values = F.grid_sample(
+            full_res, norm.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="border",
+            align_corners=True,
+        ).view(len(mixed), blk, blk, blk)  # fmt: skip
+        edge = 1.0 + 1.0 / (size - 1)  # as _logits_in_frame: within half a voxel of the cube
+        inside_voxel = (norm.abs() <= edge).all(-1).view(len(mixed), blk, blk, blk)
+        index = tuple(torch.as_tensor(i, device=dev) for i in np.unravel_index(mixed, nb))
+        blocks[index] = (values > 0) & inside_voxel
+    return out[: box[0], : box[1], : box[2]]
 
 
 def _oblique_reach(

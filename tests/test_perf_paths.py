@@ -376,13 +376,14 @@ def test_launched_ops_counts_work_not_views() -> None:
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("kind", ["blob", "sparse", "edge", "none"])
+@pytest.mark.parametrize("kind", ["blob", "sparse", "edge", "mostly", "ones", "none"])
 def test_oblique_paste_on_an_empty_canvas_maps_only_what_the_logits_reach(
     seed, kind, oblique_affine
 ):
     """An oblique crop pasted where the canvas holds nothing yet samples only the voxels its
-    positive low-res logits reach: the same mask as thresholding the whole box (up to a voxel
-    whose logit rounds across 0 with the sub-box's sampling positions)."""
+    positive low-res logits reach, blocks of voxels at a time (all-positive blocks inside the
+    cube without sampling): the same mask as thresholding the whole box (up to a voxel whose
+    logit rounds across 0 with the sub-box's sampling positions)."""
     shape = (60, 50, 40)
     center = (oblique_affine @ np.array([30, 25, 20, 1.0]))[:3]
     grid = tr.CropGrid.around(center, spacing=1.5, size=32)
@@ -395,6 +396,10 @@ def test_oblique_paste_on_an_empty_canvas_maps_only_what_the_logits_reach(
     elif kind == "edge":  # positive on the crop's faces, where sampling clamps to the border
         low[..., 0, :, :] = 1.0
         low[..., :, :, 7] = 1.0
+    elif kind == "mostly":
+        low = torch.randn(1, 1, 8, 8, 8, generator=gen) + 1.0
+    elif kind == "ones":  # the whole cube: only blocks on its faces are sampled
+        low = torch.ones(1, 1, 8, 8, 8)
     bbox, values, inside = tr.crop_logits_to_native(low, grid, oblique_affine, shape)
     expected = torch.zeros(shape, dtype=torch.bool)
     expected[bbox] = (values > 0) & inside
