@@ -317,23 +317,39 @@ def test_bad_options_are_refused():
         Predictor(_small_model(), "cpu", quantize="int8", dtype="bf16")
 
 
+def _paste_case(
+    aff: np.ndarray, kind: str, seed: int
+) -> tuple[tuple[int, int, int], tr.CropGrid, torch.Tensor]:
+    """A (60, 50, 40) volume, a 32^3 crop at 1.5 mm in its middle and 8^3 low-res logits:
+    negative but for a blob, one voxel (sparse), two faces (edge), mostly or all positive
+    (all: random signs; none: nothing positive)."""
+    center = (aff @ np.array([30, 25, 20, 1.0]))[:3]
+    grid = tr.CropGrid.around(center, spacing=1.5, size=32)
+    gen = torch.Generator().manual_seed(seed)
+    low = -1.0 - torch.rand(1, 1, 8, 8, 8, generator=gen)
+    if kind == "blob":
+        low[..., 2:5, 3:6, 1:4] = torch.randn(3, 3, 3, generator=gen) + 0.5
+    elif kind == "sparse":
+        low[..., 7, 0, 4] = 2.0
+    elif kind == "edge":  # positive on the crop's faces, where sampling clamps to the border
+        low[..., 0, :, :] = 1.0
+        low[..., :, :, 7] = 1.0
+    elif kind == "all":
+        low = torch.randn(1, 1, 8, 8, 8, generator=gen)
+    elif kind == "mostly":
+        low = torch.randn(1, 1, 8, 8, 8, generator=gen) + 1.0
+    elif kind == "ones":  # the whole cube: only blocks on its faces are sampled
+        low = torch.ones(1, 1, 8, 8, 8)
+    return (60, 50, 40), grid, low
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("kind", ["blob", "sparse", "none", "all", "oblique"])
 def test_pasted_mask_equals_the_thresholded_logits(seed, kind, oblique_affine):
     """paste_crop_mask writes crop_logits_to_native(...) > 0 where the crop covers the canvas,
     keeps the canvas elsewhere, and sets True only inside the box it returns."""
     aff = oblique_affine if kind == "oblique" else _axis_aligned_affine(seed)
-    shape = (60, 50, 40)
-    center = (aff @ np.array([30, 25, 20, 1.0]))[:3]
-    grid = tr.CropGrid.around(center, spacing=1.5, size=32)
-    gen = torch.Generator().manual_seed(seed)
-    low = -1.0 - torch.rand(1, 1, 8, 8, 8, generator=gen)
-    if kind in ("blob", "oblique"):
-        low[..., 2:5, 3:6, 1:4] = torch.randn(3, 3, 3, generator=gen) + 0.5
-    elif kind == "sparse":
-        low[..., 7, 0, 4] = 2.0
-    elif kind == "all":
-        low = torch.randn(1, 1, 8, 8, 8, generator=gen)
+    shape, grid, low = _paste_case(aff, "blob" if kind == "oblique" else kind, seed)
     bbox, values, inside = tr.crop_logits_to_native(low, grid, aff, shape)
     # a canvas that overlaps the crop's box only in part, already holding other voxels
     rng = np.random.default_rng(seed)
@@ -384,22 +400,7 @@ def test_oblique_paste_on_an_empty_canvas_maps_only_what_the_logits_reach(
     positive low-res logits reach, blocks of voxels at a time (all-positive blocks inside the
     cube without sampling): the same mask as thresholding the whole box (up to a voxel whose
     logit rounds across 0 with the sub-box's sampling positions)."""
-    shape = (60, 50, 40)
-    center = (oblique_affine @ np.array([30, 25, 20, 1.0]))[:3]
-    grid = tr.CropGrid.around(center, spacing=1.5, size=32)
-    gen = torch.Generator().manual_seed(seed)
-    low = -1.0 - torch.rand(1, 1, 8, 8, 8, generator=gen)
-    if kind == "blob":
-        low[..., 2:5, 3:6, 1:4] = torch.randn(3, 3, 3, generator=gen) + 0.5
-    elif kind == "sparse":
-        low[..., 7, 0, 4] = 2.0
-    elif kind == "edge":  # positive on the crop's faces, where sampling clamps to the border
-        low[..., 0, :, :] = 1.0
-        low[..., :, :, 7] = 1.0
-    elif kind == "mostly":
-        low = torch.randn(1, 1, 8, 8, 8, generator=gen) + 1.0
-    elif kind == "ones":  # the whole cube: only blocks on its faces are sampled
-        low = torch.ones(1, 1, 8, 8, 8)
+    shape, grid, low = _paste_case(oblique_affine, kind, seed)
     bbox, values, inside = tr.crop_logits_to_native(low, grid, oblique_affine, shape)
     expected = torch.zeros(shape, dtype=torch.bool)
     expected[bbox] = (values > 0) & inside
