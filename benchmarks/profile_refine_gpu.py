@@ -1,13 +1,17 @@
-"""Where a GPU refinement click's time goes (issue 8: 0.50 ms against a 0.3 ms target).
+"""Where a GPU refinement click's time goes (issue 8: 0.48 ms against a 0.3 ms target).
 
     python benchmarks/profile_refine_gpu.py --checkpoint fastsam3d/weights/default.safetensors
 
 For bf16 weights in our CUDA graphs (``cudagraphs`` and ``inductor-graphs``) it times, with CUDA
-events, the benchmark's refinement click (``ClickRunner.refine``: ``Predictor.predict`` + the
-128^3 upsampling and threshold) and its parts: ``predict`` alone, the graph replay alone, the
-upsampling alone, and ``predict`` with the prompts already on the GPU; at 2 and 10 prompts. Then
-a torch.profiler table of 20 refinements: kernels per click and GPU-busy time against wall
-time, i.e. whether the click waits on kernels or on the host. Prints JSON lines and tables.
+events, the benchmark's refinement click (``ClickRunner.refine``: ``Predictor.predict_mask``,
+the low-res logits and the thresholded 128^3 mask) and its parts: ``predict`` (low-res logits
+only), the refinement's graph replay alone, the upsampling and threshold alone, and
+``predict_mask`` with the prompts already on the GPU; at 2 and 10 prompts. Then a
+torch.profiler table of 20 refinements: kernels per click and GPU-busy time against wall time,
+i.e. whether the click waits on kernels or on the host. Prints JSON lines and tables.
+
+``--modes`` takes ``MODE+option+...``: each option an inductor config flag set to True while
+the mode compiles (e.g. ``inductor-graphs+max_autotune``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from fastsam3d.bench import ClickRunner, environment, synthetic_crop, time_ms
 from fastsam3d.predictor import Predictor
 from fastsam3d.registry import build_model
+from fastsam3d.transforms import upsample_logits
 
 
 def parts(runner: ClickRunner, n_prompts: int, repeats: int) -> dict:
@@ -38,14 +43,15 @@ def parts(runner: ClickRunner, n_prompts: int, repeats: int) -> dict:
     runner.refine()  # capture this prompt count's graph
     gpts, glbl = pts.to(dev), lbl.to(dev)
     low, _ = p.predict(pts, lbl, mask_input=runner.prev)
-    graph = next(g for k, g in p._graphs.items() if k[0] == "click" and k[1] == n_prompts)
+    # the refinement's graph: key (name, prompts, box, mask, multimask, mask in the graph, ...)
+    graph = next(g for k, g in p._graphs.items() if k[:2] == ("click", n_prompts) and k[5])
     row = {"prompts": n_prompts}
     for name, fn in (
         ("refine", runner.refine),
         ("predict", lambda: p.predict(pts, lbl, mask_input=runner.prev)),
-        ("predict_prompts_on_gpu", lambda: p.predict(gpts, glbl, mask_input=runner.prev)),
+        ("refine_prompts_on_gpu", lambda: p.predict_mask(gpts, glbl, mask_input=runner.prev)),
         ("replay", graph.graph.replay),
-        ("upsample_threshold", lambda: runner._mask(low)),
+        ("upsample_threshold", lambda: upsample_logits(low, 128) > 0),
     ):
         row[f"{name}_ms"] = time_ms(fn, dev, repeats)["median_ms"]
     return row
@@ -81,7 +87,7 @@ def main() -> None:
     ap.add_argument(
         "--modes",
         default="cudagraphs,inductor-graphs",
-        help="MODE or MODE+freezing, comma-separated",
+        help="MODE or MODE+option+... (inductor config flags set to True), comma-separated",
     )
     ap.add_argument("--repeats", type=int, default=200)
     args = ap.parse_args()
@@ -90,11 +96,10 @@ def main() -> None:
     crop, click = synthetic_crop()
     tables, first_mask = [], None
     for name in args.modes.split(","):
-        # MODE+freezing: inductor's freezing (weights folded in as constants) while it compiles
-        mode, _, extra = name.partition("+")
+        mode, *flags = name.split("+")
         model = build_model("fastsam3d_dilated", checkpoint=args.checkpoint).to(torch.bfloat16)
         runner = ClickRunner(Predictor(model, dev, dtype="bf16", compile=mode), crop, click)
-        with torch._inductor.config.patch(freezing=extra == "freezing"):
+        with torch._inductor.config.patch({flag: True for flag in flags}):
             runner.first()
             for n in (2, 10):
                 print(json.dumps({"mode": name, **parts(runner, n, args.repeats)}), flush=True)

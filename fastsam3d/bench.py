@@ -175,9 +175,6 @@ class ClickRunner:
         self.size = size
         self.prev = self.zeros
 
-    def _mask(self, low_res: torch.Tensor) -> torch.Tensor:
-        return upsample_logits(low_res[:, :1], self.size)[0, 0] > 0
-
     @torch.inference_mode()
     def encoder(self) -> None:
         self.p.set_image(self.crop)
@@ -185,14 +182,13 @@ class ClickRunner:
     @torch.inference_mode()
     def first(self) -> torch.Tensor:
         self.p.set_image(self.crop)
-        low, _ = self.p.predict(self.first_pts, self.first_lbl, mask_input=self.zeros)
+        low, _, mask = self.p.predict_mask(self.first_pts, self.first_lbl, mask_input=self.zeros)
         self.prev = low
-        return self._mask(low)
+        return mask[0, 0]
 
     @torch.inference_mode()
     def refine(self) -> torch.Tensor:
-        low, _ = self.p.predict(self.ref_pts, self.ref_lbl, mask_input=self.prev)
-        return self._mask(low)
+        return self.p.predict_mask(self.ref_pts, self.ref_lbl, mask_input=self.prev)[2][0, 0]
 
 
 def _resident_bytes(device: torch.device) -> int:

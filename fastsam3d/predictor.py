@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+import weakref
 from collections.abc import Hashable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,7 @@ import torch
 from fastsam3d.cache import EmbeddingCache
 from fastsam3d.errors import PromptError
 from fastsam3d.modeling import Sam3D
-from fastsam3d.transforms import MODEL_SPACING_MM
+from fastsam3d.transforms import MODEL_SPACING_MM, upsample_logits
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -126,8 +127,8 @@ class Predictor:
             mode = (
                 "reduce-overhead" if compile == "inductor" and self.device.type == "cuda" else None
             )
-            self._encode = torch.compile(self._encode_eager, mode=mode, dynamic=False)
-            self._click = torch.compile(self._click_eager, mode=mode, dynamic=False)
+            self._encode = _compiled(self._encode_eager, mode, self.device)
+            self._click = _compiled(self._click_eager, mode, self.device)
         self.encoder_calls = 0  # how many times the image encoder ran (tests check the cache)
 
     @property
@@ -164,11 +165,16 @@ class Predictor:
         self,
         embedding: torch.Tensor,
         dense_pe: torch.Tensor,
-        points: tuple[torch.Tensor, torch.Tensor] | None,
+        prompts: torch.Tensor | None,
         boxes: torch.Tensor | None,
         masks: torch.Tensor | None,
         multimask: bool | str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        full_res: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        """Prompt encoder + decoder; ``prompts`` (1, N, 4): coordinates then label, one tensor so
+        that a click makes one host-to-device copy. With ``full_res`` also the thresholded
+        crop-resolution masks (inside the click's CUDA graph in the graph modes)."""
+        points = None if prompts is None else (prompts[..., :3], prompts[..., 3].long())
         with self._autocast(encoder=False):
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
             dec = self.model.mask_decoder
@@ -180,28 +186,36 @@ class Predictor:
                 multimask_output=multimask is True,
                 outputs=range(dec.num_mask_tokens) if multimask == "all" else None,
             )
-        return low_res.float(), iou.float()
+        low_res = low_res.float()
+        if full_res:
+            return low_res, iou.float(), upsample_logits(low_res, self.img_size) > 0
+        return low_res, iou.float()
 
-    def _run(self, name: str, fn, args: tuple, key: tuple):
-        """``fn(*args)``, through a CUDA graph keyed by ``key`` in the graph modes."""
+    def _run(self, name: str, fn, args: tuple, key: tuple, reuse: int = 0):
+        """``fn(*args)``, through a CUDA graph keyed by ``key`` in the graph modes (there the
+        first ``reuse`` args are copied in only when they are other tensors than last time; see
+        :class:`CudaGraph`). Tensors in ``args`` may still be on the CPU in the graph modes."""
         if self.compile == "inductor" and self.device.type == "cuda":
             # reduce-overhead replays CUDA graphs whose outputs the next replay overwrites
             torch.compiler.cudagraph_mark_step_begin()
-            return _map_tensors(fn(*args), torch.clone)
+            return _map_tensors(fn(*_map_tensors(args, self._to_device)), torch.clone)
         if self.compile not in GRAPH_MODES:
-            return fn(*args)
+            return fn(*_map_tensors(args, self._to_device))
         graph = self._graphs.get((name, *key))
         if graph is None:
             try:
                 if self._pool is None:  # one memory pool for this predictor's graphs
                     self._pool = torch.cuda.graph_pool_handle()
-                graph = CudaGraph(fn, args, self._pool)
+                graph = CudaGraph(fn, _map_tensors(args, self._to_device), self._pool, reuse)
             except RuntimeError as err:  # capture unsupported here: stay eager, say so once
                 warnings.warn(f"CUDA graph capture failed ({err}); running eagerly", stacklevel=3)
                 self.compile = None
-                return fn(*args)
+                return fn(*_map_tensors(args, self._to_device))
             self._graphs[(name, *key)] = graph
         return graph(args)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def set_image(self, image: torch.Tensor | None = None, key: Hashable | None = None) -> None:
@@ -256,35 +270,80 @@ class Predictor:
             ``(low_res_logits, iou)``: (1, K, 32, 32, 32) and (1, K), K = 1, 3 or 4,
             float32 on the predictor's device.
         """
+        return self._predict(points, labels, box, mask_input, multimask, full_res=False)
+
+    @torch.inference_mode()
+    def predict_mask(
+        self,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        box: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask: bool | str = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`predict`, and the masks at the crop's resolution, as segment-anything's
+        predictor returns them: ``(low_res_logits, iou, masks)``, masks (1, K, S, S, S) bool,
+        the logits upsampled (:func:`~fastsam3d.transforms.upsample_logits`) and thresholded
+        at 0. In the CUDA graph modes that is part of the click's graph (one replay, no
+        launches of its own); on the CPU it runs after the click, on all threads."""
+        return self._predict(points, labels, box, mask_input, multimask, full_res=True)
+
+    def _predict(self, points, labels, box, mask_input, multimask, full_res: bool) -> tuple:
         if self._embedding is None:
             raise RuntimeError("call set_image() before predict()")
         if box is not None and not self.accepts_boxes:
             raise PromptError("this model was not trained with box prompts; use clicks instead")
-        dev = self.device
-        pts = None
+        prompts = None
         if points is not None:
-            coords = torch.as_tensor(points, dtype=torch.float32).reshape(1, -1, 3).to(dev)
-            lbl = torch.as_tensor(labels, dtype=torch.int64).reshape(1, -1).to(dev)
-            pts = (coords, lbl)
-        boxes = (
-            None
-            if box is None
-            else torch.as_tensor(box, dtype=torch.float32).reshape(1, 2, 3).to(dev)
-        )
-        masks = None if mask_input is None else mask_input.to(dev, torch.float32)
+            coords = torch.as_tensor(points, dtype=torch.float32).reshape(1, -1, 3)
+            lbl = torch.as_tensor(labels, dtype=torch.float32, device=coords.device)
+            prompts = torch.cat([coords, lbl.reshape(1, -1, 1)], dim=-1)
+        boxes = None if box is None else torch.as_tensor(box, dtype=torch.float32).reshape(1, 2, 3)
+        if self.device.type == "cuda":  # asynchronous copies: a pageable one syncs the host
+            prompts, boxes = _pinned(prompts), _pinned(boxes)
+        masks = None if mask_input is None else mask_input.float()
         if self._dense_pe is None:  # constant: computed once, not per click
             with self._autocast(encoder=False):
                 self._dense_pe = self.model.prompt_encoder.get_dense_pe()
+        in_click = full_res and self.device.type != "cpu"
         key = (
-            None if pts is None else pts[0].shape[1],
+            None if prompts is None else prompts.shape[1],
             boxes is not None,
             masks is not None,
             multimask,
+            in_click,
             tuple(self._embedding.shape),
         )
-        args = (self._embedding, self._dense_pe, pts, boxes, masks, multimask)
+        args = (self._embedding, self._dense_pe, prompts, boxes, masks, multimask, in_click)
         with cpu_threads(self.click_threads):
-            return self._run("click", self._click, args, key)
+            out = self._run("click", self._click, args, key, reuse=2)
+        if full_res and not in_click:
+            out = (*out, upsample_logits(out[0], self.img_size) > 0)
+        return out
+
+
+def _compiled(fn, mode: str | None, device: torch.device):
+    """``torch.compile(fn)``; on CUDA compiled with inductor's ``freezing``: the weights are
+    taken as constants, so tensors derived from them (the decoder's permuted upscaling weights,
+    ``_patch_layout``) are made once at compile time instead of by copy kernels in every click.
+    A predictor's weights must not change after its first call. (``torch.compile(options=
+    {"freezing": True})`` did not fold them; the config set while compiling does.)"""
+    import torch._inductor.config  # only where compiling: a slow import
+
+    compiled = torch.compile(fn, mode=mode, dynamic=False)
+    if device.type != "cuda":
+        return compiled
+
+    def run(*args):
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args)
+
+    return run
+
+
+def _pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A CPU tensor in page-locked memory (copied to a GPU without a host sync)."""
+    return t.pin_memory() if t is not None and t.device.type == "cpu" else t
 
 
 @contextlib.contextmanager
@@ -305,14 +364,19 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
 class CudaGraph:
     """One CUDA graph of ``fn(*args)``: static copies of the tensor inputs, outputs cloned out.
 
-    ``args`` may nest tensors in tuples and hold plain Python values (part of the graph key).
+    ``args`` may nest tensors in tuples and hold plain Python values (part of the graph key);
+    its tensors may be on the CPU (copied straight into the static inputs). The first ``reuse``
+    args are tensors that their owner never changes in place (the predictor's image embedding
+    and positional encoding): a replay copies them only when other tensors come than last time.
     Graphs given the same ``pool`` (from ``torch.cuda.graph_pool_handle()``) share memory; that
     is safe when they replay one after another on one stream and their outputs are cloned
     before the next replay, as here.
     """
 
-    def __init__(self, fn, args: tuple, pool: tuple | None = None):
+    def __init__(self, fn, args: tuple, pool: tuple | None = None, reuse: int = 0):
         self.static_args = _map_tensors(args, torch.clone)
+        self.reuse = reuse
+        self._sources = [weakref.ref(a) for a in args[:reuse]]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -324,7 +388,12 @@ class CudaGraph:
             self.static_out = fn(*self.static_args)
 
     def __call__(self, args: tuple):
-        _map_tensors((self.static_args, args), None)
+        for i, (source, arg) in enumerate(zip(self._sources, args)):
+            if source() is not arg:
+                self.static_args[i].copy_(arg, non_blocking=True)
+                self._sources[i] = weakref.ref(arg)
+        n = self.reuse
+        _map_tensors((self.static_args[n:], args[n:]), None)
         self.graph.replay()
         return _map_tensors(self.static_out, torch.clone)
 
@@ -335,7 +404,7 @@ def _map_tensors(tree, fn):
     if fn is None:
         dst, src = tree
         if isinstance(dst, torch.Tensor):
-            dst.copy_(src)
+            dst.copy_(src, non_blocking=True)  # CPU sources are pinned (Predictor._predict)
         elif isinstance(dst, tuple):
             for d, s in zip(dst, src):
                 _map_tensors((d, s), None)

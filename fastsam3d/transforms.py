@@ -296,6 +296,7 @@ def _upsampling_matrix(low: int, size: int) -> np.ndarray:
     return mat
 
 
+@torch.compiler.disable  # a cached constant: dynamo would trace past the cache and rebuild it
 @functools.lru_cache(maxsize=8)
 def _upsampling_weights(
     low: int, size: int, dtype: torch.dtype, device: torch.device

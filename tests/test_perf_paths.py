@@ -119,6 +119,18 @@ def test_upscaling_equals_the_sequential_convolutions_after_weight_updates():
     check()
 
 
+def test_predict_mask_is_the_upsampled_thresholded_predict():
+    p = Predictor(_small_model(), "cpu")
+    crop, click = synthetic_crop()
+    p.set_image(crop)
+    pts, lbl = torch.tensor(np.stack([click, click + 3]), dtype=torch.float32), torch.tensor([1, 0])
+    low, iou = p.predict(pts, lbl)
+    low2, iou2, mask = p.predict_mask(pts, lbl)
+    torch.testing.assert_close((low2, iou2), (low, iou))
+    assert mask.dtype == torch.bool and mask.shape == (1, 1, 128, 128, 128)
+    assert torch.equal(mask, tr.upsample_logits(low, 128) > 0)
+
+
 @pytest.mark.parametrize(("torch_threads", "expected"), [(1, 1), (2, 1), (4, 3), (8, 7)])
 def test_click_threads_leave_one_core_free(torch_threads, expected):
     """The default click runs on one thread fewer than torch's (the GUI and other processes
@@ -298,11 +310,21 @@ def test_session_runs_on_the_onnx_folder(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graphs_give_the_eager_masks():
+    """Also: a graph copies the image embedding in again only when another one comes."""
     ref = _masks(Predictor(_small_model(), "cuda"))
+    crop, click = synthetic_crop()
     for mode in ("cudagraphs", "inductor-graphs"):
-        got = _masks(Predictor(_small_model(), "cuda", compile=mode))
+        p = Predictor(_small_model(), "cuda", compile=mode)
+        got = _masks(p)
         for a, b in zip(got, ref):
             assert dice(a, b) >= 0.999, mode
+        p.set_image(crop, key="a")
+        first = p.predict_mask(torch.tensor(click[None]), torch.tensor([1]))[0]
+        p.set_image(-crop, key="b")  # another embedding through the same graph
+        other = p.predict_mask(torch.tensor(click[None]), torch.tensor([1]))[0]
+        p.set_image(key="a")
+        again = p.predict_mask(torch.tensor(click[None]), torch.tensor([1]))[0]
+        assert torch.equal(first, again) and not torch.equal(first, other), mode
 
 
 def test_bad_options_are_refused():

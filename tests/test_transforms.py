@@ -145,3 +145,13 @@ def test_upsample_logits_keeps_float32_under_autocast():
     assert got.dtype == torch.float32
     want = F.interpolate(x, size=(128,) * 3, mode="trilinear", align_corners=False)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_upsample_logits_compiles_under_inference_mode():
+    """The CUDA graph modes compile the upsampling into the click (``Predictor.predict_mask``);
+    tracing into the cached interpolation matrix failed a dynamo guard there (torch 2.11-2.13)."""
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.inference_mode():
+        fn = torch.compile(lambda t: upsample_logits(t, 32) > 0, dynamic=False)
+        for t in (x, -x):
+            assert torch.equal(fn(t), upsample_logits(t, 32) > 0)
