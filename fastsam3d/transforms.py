@@ -359,16 +359,25 @@ def _logits_in_frame(
             bbox,
             *_separable_to_native(logits[0, 0].float(), native_to_crop, axes, box, grid.size),
         )
-    if logits.shape[-1] != grid.size:
-        logits = upsample_logits(logits, grid.size)
     sampling = _sampling_grid(native_to_crop, box, (grid.size,) * 3, logits.device)
+    return bbox, *_sample_cube(logits, grid.size, sampling)
+
+
+def _sample_cube(
+    logits: torch.Tensor, size: int, sampling: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop logits (1, 1, s, s, s), upsampled to the crop's ``size`` first, read at the
+    ``grid_sample`` positions ``sampling`` (1, *shape, 3; trilinear, border-clamped), and
+    whether each position is inside the cube (within half a crop voxel of its outer voxel
+    centres): ``(values, inside)``, both of ``shape``."""
+    logits = logits.float()
+    if logits.shape[-1] != size:
+        logits = upsample_logits(logits, size)
     values = F.grid_sample(
-        logits.float(), sampling, mode="bilinear", padding_mode="border", align_corners=True
+        logits, sampling, mode="bilinear", padding_mode="border", align_corners=True
     )[0, 0]
-    # Inside the cube = within half a crop voxel of its outer voxel centres.
-    edge = 1.0 + 1.0 / (grid.size - 1)
-    inside = (sampling[0].abs() <= edge).all(-1)
-    return bbox, values, inside
+    edge = 1.0 + 1.0 / (size - 1)
+    return values, (sampling[0].abs() <= edge).all(-1)
 
 
 def native_mask_to_crop_logits(
@@ -588,15 +597,9 @@ def _oblique_mask(
         norm = torch.as_tensor(corner[mixed] @ to_norm.T + (shift * (2 / (size - 1)) - 1)[::-1],
                                dtype=torch.float32, device=dev)[:, None] + torch.as_tensor(
             offsets @ to_norm.T, dtype=torch.float32, device=dev)[None]  # fmt: skip
-        full_res = upsample_logits(logits.float(), size) if low != size else logits.float()
-        values = F.grid_sample(
-            full_res, norm.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="border",
-            align_corners=True,
-        ).view(len(mixed), blk, blk, blk)  # fmt: skip
-        edge = 1.0 + 1.0 / (size - 1)  # as _logits_in_frame: within half a voxel of the cube
-        inside_voxel = (norm.abs() <= edge).all(-1).view(len(mixed), blk, blk, blk)
+        values, inside_voxel = _sample_cube(logits, size, norm.view(1, -1, 1, 1, 3))
         index = tuple(torch.as_tensor(i, device=dev) for i in np.unravel_index(mixed, nb))
-        blocks[index] = (values > 0) & inside_voxel
+        blocks[index] = ((values > 0) & inside_voxel).view(len(mixed), blk, blk, blk)
     lo = b_lo * blk
     hi = np.minimum(b_hi * blk, box)
     return lo, out[tuple(slice(0, y - x) for x, y in zip(lo, hi))]
