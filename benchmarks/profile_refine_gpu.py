@@ -27,7 +27,7 @@ import torch
 import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
-from fastsam3d.bench import ClickRunner, environment, synthetic_crop, time_ms
+from fastsam3d.bench import ClickRunner, dice, environment, synthetic_crop, time_ms
 from fastsam3d.predictor import Predictor
 from fastsam3d.registry import build_model
 from fastsam3d.transforms import upsample_logits
@@ -105,13 +105,9 @@ def main() -> None:
                 print(json.dumps({"mode": name, **parts(runner, n, args.repeats)}), flush=True)
         mask = runner.refine()  # 10 prompts: the same clicks in every mode
         first_mask = mask if first_mask is None else first_mask
-        total = (mask.sum() + first_mask.sum()).item()  # both empty: the same answer
-        dice = 2 * (mask & first_mask).sum().item() / total if total else 1.0
         summary, table = kernel_profile(runner)
-        print(
-            json.dumps({"mode": name, "prompts": 10, "dice_vs_first_mode": dice, **summary}),
-            flush=True,
-        )
+        row = {"mode": name, "prompts": 10, "dice_vs_first_mode": dice(mask, first_mask)}
+        print(json.dumps({**row, **summary}), flush=True)
         tables.append(f"== {name}, bf16 weights, refinement at 10 prompts ==\n{table}")
     print("\n".join(tables))
 
