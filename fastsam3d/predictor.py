@@ -375,7 +375,6 @@ class CudaGraph:
 
     def __init__(self, fn, args: tuple, pool: tuple | None = None, reuse: int = 0):
         self.static_args = _map_tensors(args, torch.clone)
-        self.reuse = reuse
         self._sources = [weakref.ref(a) for a in args[:reuse]]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -392,7 +391,7 @@ class CudaGraph:
             if source() is not arg:
                 self.static_args[i].copy_(arg, non_blocking=True)
                 self._sources[i] = weakref.ref(arg)
-        n = self.reuse
+        n = len(self._sources)
         _map_tensors((self.static_args[n:], args[n:]), None)
         self.graph.replay()
         return _map_tensors(self.static_out, torch.clone)
