@@ -295,6 +295,25 @@ def load_model(
     return model.to(device).eval()
 
 
+def average_weights(model: nn.Module, others: list[nn.Module]) -> None:
+    """Set ``model``'s floating-point weights to the mean of its own and ``others``' (a model
+    soup: averaged checkpoints of one run or of a fine-tune and its start often beat each one);
+    all must share one architecture and config."""
+    for other in others:
+        if other.config != model.config:
+            raise CheckpointError(
+                f"cannot average different models: {other.config.to_dict()} vs "
+                f"{model.config.to_dict()}"
+            )
+    states = [other.state_dict() for other in others]
+    mean = {
+        key: (value + sum(s[key] for s in states)) / (len(states) + 1)
+        for key, value in model.state_dict().items()
+        if value.is_floating_point()
+    }
+    model.load_state_dict(mean, strict=False)
+
+
 def _config_for(
     sd: Mapping[str, torch.Tensor],
     meta: Mapping[str, str],

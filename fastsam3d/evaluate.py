@@ -83,22 +83,25 @@ def _bbox(mask: np.ndarray, margin: int, shape: tuple[int, ...]) -> tuple[slice,
 
 
 def dice_nsd(
-    pred: np.ndarray, gt: np.ndarray, spacing_mm: np.ndarray, tolerance_mm: float
+    pred: np.ndarray, gt: np.ndarray, spacing_mm: np.ndarray, tolerance_mm: float | None
 ) -> tuple[float, float]:
     """Dice and NSD (MONAI) of two bool masks on a grid with ``spacing_mm``; computed inside
-    the bounding box of their union (plus a margin of the tolerance): the same values, faster."""
-    from monai.metrics import compute_dice, compute_surface_dice
-
+    the bounding box of their union (plus a margin of the tolerance): the same values, faster.
+    ``tolerance_mm`` None skips the NSD (NaN): Dice alone needs neither MONAI nor SciPy."""
     union = pred | gt
     if not union.any():
         return 1.0, 1.0
     if not pred.any() or not gt.any():
         return 0.0, 0.0
+    dice = 2.0 * np.count_nonzero(pred & gt) / (np.count_nonzero(pred) + np.count_nonzero(gt))
+    if tolerance_mm is None:
+        return dice, float("nan")
+    from monai.metrics import compute_surface_dice
+
     margin = int(np.ceil(tolerance_mm / float(np.min(spacing_mm)))) + 2
     box = _bbox(union, margin, pred.shape)
     p = torch.from_numpy(np.ascontiguousarray(pred[box]))[None, None].float()
     g = torch.from_numpy(np.ascontiguousarray(gt[box]))[None, None].float()
-    dice = float(compute_dice(p, g, include_background=True)[0, 0])
     nsd = float(
         compute_surface_dice(
             p, g, [tolerance_mm], include_background=True, spacing=[float(s) for s in spacing_mm]
@@ -213,7 +216,7 @@ def evaluate_case(
     seed: int = DEFAULT_SEED,
     baseline: bool = True,
     box: bool | None = None,
-    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    tolerance_mm: float | None = DEFAULT_TOLERANCE_MM,
     case: str = "",
 ) -> list[Row]:
     """Run the simulated-click protocol on one volume; returns one row per label, method, step.
@@ -228,7 +231,7 @@ def evaluate_case(
             label of every run gets the same clicks.
         baseline: also run the region-growing baseline on the same clicks.
         box: also run the box protocol; None = when the model accepts boxes.
-        tolerance_mm: NSD tolerance.
+        tolerance_mm: NSD tolerance (None: Dice only, NSD NaN).
         case: name written into the rows.
     """
     label = np.asarray(label)
@@ -260,7 +263,7 @@ def evaluate_case(
 
 def _run_label(
     session: Session, grower: RegionGrowing | None, gt: np.ndarray, lid: int, protocol: str,
-    n_clicks: int, seed: int, sp: np.ndarray, tolerance_mm: float, case: str,
+    n_clicks: int, seed: int, sp: np.ndarray, tolerance_mm: float | None, case: str,
 ) -> list[Row]:  # fmt: skip
     session.clear()
     generator = torch.Generator().manual_seed(seed)

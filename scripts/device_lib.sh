@@ -8,11 +8,15 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 gpu_info() { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; }
 
 v5_recipe() {  # MIN: COMMON = v5's data and click recipe (real cases, synthetic settings, batch
-  # 16 x 4 targets, 5 rounds, box 0.2) with validation on the selection set, for MIN minutes
-  COMMON=(--cases .device_carry/real_train.safetensors --val-cases .device_carry/val_select.safetensors
-    --val-every 150 --steps 1000000 --batch-size 16 --targets 4 --pool 384 --rounds 5 --box-prob 0.2
-    --real-fraction 0.25 --seed 0 --save-every 400 --synthetic planes=0.5 --synthetic structures=24
-    --synthetic min_radius=1.5 --max-minutes "$1")
+  # 16 x 4 targets, 5 rounds, box 0.2) for MIN minutes, with validation on the selection set
+  # when it was carried
+  COMMON=(--cases .device_carry/real_train.safetensors --steps 1000000 --batch-size 16
+    --targets 4 --pool 384 --rounds 5 --box-prob 0.2 --real-fraction 0.25 --seed 0
+    --save-every 400 --synthetic planes=0.5 --synthetic structures=24 --synthetic min_radius=1.5
+    --max-minutes "$1")
+  if [ -f .device_carry/val_select.safetensors ]; then
+    COMMON+=(--val-cases .device_carry/val_select.safetensors --val-every 150)
+  fi
 }
 
 launch() {  # NAME COMMAND ARGS...: `fastsam3d COMMAND ${COMMON[@]} ARGS --out /tmp/NAME --overwrite`,
@@ -36,7 +40,8 @@ wait_runs() {  # until every training process has ended
 
 pack_runs() {  # RUN...: the runs' logs (and console output) as $OUT/runs.tar.gz
   for r in "$@"; do cp "/tmp/$r.stdout" "/tmp/$r/stdout.txt" 2>/dev/null; done
-  tar czf "$OUT/runs.tar.gz" -C /tmp $(for r in "$@"; do echo "$r/log.csv $r/val.csv $r/state.json $r/stdout.txt"; done)
+  tar czf "$OUT/runs.tar.gz" -C /tmp $(for r in "$@"; do for f in log.csv val.csv state.json stdout.txt; do
+    [ -f "/tmp/$r/$f" ] && echo "$r/$f"; done; done)
 }
 
 fetch() {  # RUN/NAME...: int8 copies in 15 MiB parts (the tool returns files up to 16 MiB and

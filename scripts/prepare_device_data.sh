@@ -5,6 +5,8 @@
 #                           label of the 45-label evaluation list of ts_abdomen_ct (report_labels.txt) (23 organs,
 #                           vessels, bones, muscles) and the breast lesion. Report the evaluation
 #                           table on all 45 labels and on the other 22 (never used for selection).
+#   eval45.safetensors      the sample CT and its labels as arrays, for scripts/eval_prepared.py
+#                           (the 45-label evaluation where nibabel and MONAI are missing)
 #                           Session 6 selected on the 16 labels outside the 45 (ribs, adrenals, T11,
 #                           a lung lobe) instead: that crop-level score ranked 7 checkpoints against
 #                           the native 45-label evaluation with Spearman -0.29; the same score on
@@ -34,4 +36,5 @@ save_cases([ct, breast], ".device_carry/val_select.safetensors")
 print("held out (report only):", ",".join(str(v) for v in report[1::2]))
 print("val_select:", {c.name: sorted(c.objects) for c in (ct, breast)})
 PY
+python3 scripts/eval_prepared.py --save .device_carry/eval45.safetensors
 ls -la .device_carry

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from _cli_data import run_cli, tiny_model, tiny_model_file, write_phantom
 
 from fastsam3d.errors import OutputExistsError, VolumeError
@@ -37,6 +38,12 @@ def test_metrics_from_monai(phantom):
     assert 0.7 < dice < 1.0 and nsd == pytest.approx(1.0)
     assert dice_nsd(shifted, gt, np.array([1.5, 1.5, 2.0]), 1.0)[1] < 1.0
     assert dice_nsd(np.zeros_like(gt), gt, np.array([1.5, 1.5, 2.0]), 2.0) == (0.0, 0.0)
+    from monai.metrics import compute_dice
+
+    as_tensor = [torch.from_numpy(m)[None, None].float() for m in (shifted, gt)]
+    assert dice == pytest.approx(float(compute_dice(*as_tensor)[0, 0]), abs=1e-6)
+    alone = dice_nsd(shifted, gt, np.array([1.5, 1.5, 2.0]), None)  # Dice only: no MONAI
+    assert alone[0] == dice and np.isnan(alone[1])
 
 
 def test_clicks_follow_the_rules_and_seed(phantom):

@@ -260,6 +260,43 @@ def test_cli_train_and_models(tmp_path: Path) -> None:
     assert listing.exit_code == 0 and "fastsam3d_dilated" in listing.output
 
 
+def test_snapshots_and_their_mean(tmp_path: Path) -> None:
+    """--keep-every keeps the start and every Nth step's weights; `convert --mean-with`
+    averages checkpoints (a model soup); a bad --real-scale is refused before any write."""
+    from fastsam3d.cli import app
+
+    runner = CliRunner()
+    sets = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
+    base = ["train", *sets, "--steps", "2", "--batch-size", "2", "--rounds", "1"]
+    out = tmp_path / "run"
+    result = runner.invoke(app, [*base, "--out", str(out), "--keep-every", "1"])
+    assert result.exit_code == 0, result.output
+    snaps = sorted(p.name for p in (out / "snapshots").iterdir())
+    assert snaps == [f"step_00000{s}.safetensors" for s in range(3)]
+    first, last = (out / "snapshots" / snaps[i] for i in (0, -1))
+    mean = tmp_path / "mean.safetensors"
+    result = runner.invoke(app, ["convert", str(first), str(mean), "--mean-with", str(last)])
+    assert result.exit_code == 0 and "mean of 2 checkpoints" in result.output, result.output
+    a, b, m = (load_file(p) for p in (first, last, mean))
+    key = "mask_decoder.iou_token.weight"
+    assert not torch.equal(a[key], b[key]) and torch.allclose(m[key], (a[key] + b[key]) / 2)
+    other = tmp_path / "other"
+    wider = [
+        *base[: base.index("embed_dim=32")],
+        "embed_dim=16",
+        *base[base.index("embed_dim=32") + 1 :],
+    ]
+    assert runner.invoke(app, [*wider, "--out", str(other)]).exit_code == 0
+    refused = runner.invoke(
+        app, ["convert", str(first), str(mean), "--overwrite", "--mean-with", str(other / "model.safetensors")]
+    )  # fmt: skip
+    assert refused.exit_code == 1 and "cannot average different models" in refused.output
+    for bad in ("2", "1.5,0.5", "0,1"):
+        refused = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--real-scale", bad])
+        assert refused.exit_code == 2 and "--real-scale" in refused.output, refused.output
+        assert not (tmp_path / "bad").exists()
+
+
 def test_cli_synthetic_settings(tmp_path: Path) -> None:
     """--synthetic KEY=VALUE reaches the generator and the run's recipe; unknown keys and
     wrong types are refused before anything is written."""
@@ -486,7 +523,7 @@ def test_dice_ce_is_monais_with_its_gradient_in_closed_form(monkeypatch) -> None
 def test_real_crops_and_validation_use_the_models_crop_spacing(tmp_path: Path) -> None:
     """A model with ``crop_spacing_mm`` trains and is judged on real crops of that spacing: an
     object takes (1.5 / 1.0)^3 as many voxels in a 1.0 mm crop as in a 1.5 mm one."""
-    from fastsam3d.training.data import prepare_cases
+    from fastsam3d.training.data import RealCropSampler, prepare_cases
     from fastsam3d.training.validate import CropValidator
 
     _nifti_case(tmp_path / "data" / "case1")
@@ -496,3 +533,9 @@ def test_real_crops_and_validation_use_the_models_crop_spacing(tmp_path: Path) -
     assert ratio == pytest.approx(1.5**3, rel=0.1)  # label 1, 30 x 40 x 32 mm, fits both
     source = BatchSource(2, torch.device("cpu"), cases=cases, synthetic=SYN, crop_spacing=1.0)
     assert source.real.spacing == 1.0
+    # --real-scale: a zoom of 1.3 shows an object 1.3^3 times as large as a zoom of 1.0
+    voxels = {}
+    for zoom in (1.0, 1.3):
+        sampler = RealCropSampler(cases, seed=0, size=64, spacing=1.5, scale=(zoom, zoom))
+        voxels[zoom] = sum(sampler.sample(1)[1].sum().item() for _ in range(3))
+    assert voxels[1.3] / voxels[1.0] == pytest.approx(1.3**3, rel=0.15)

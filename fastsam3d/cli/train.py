@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -59,6 +60,20 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue a run found in --out.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Start afresh in an --out that holds a run.")]
 SaveEveryOpt = Annotated[int, typer.Option(help="Checkpoint every N steps.")]
+KeepEveryOpt = Annotated[
+    int,
+    typer.Option(
+        help="Also keep the weights every N steps as snapshots/step_N.safetensors, e.g. to "
+        "average them (`fastsam3d convert --mean-with`); 0: keep none."
+    ),
+]
+RealScaleOpt = Annotated[
+    str,
+    typer.Option(
+        help="MIN,MAX of the random zoom of real crops about their click (1: the model's crop "
+        "spacing); a wider range shows each real object at more sizes."
+    ),
+]
 TargetsOpt = Annotated[
     int, typer.Option(help="Objects trained per crop (one encoder pass serves them all).")
 ]
@@ -131,6 +146,7 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
             "best.safetensors",
         ):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "snapshots", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -153,7 +169,8 @@ def _run_click_training(
     model, out, data, cases, save_cases, steps, batch_size, lr, max_minutes, schedule_minutes,
     rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe: dict[str, Any],
     targets: int = 1, pool: int = 0, synthetic: list[str] | None = None,
-    val_cases: Path | None = None, val_every: int = 250,
+    val_cases: Path | None = None, val_every: int = 250, keep_every: int = 0,
+    real_scale: str = "0.85,1.15",
 ) -> None:  # fmt: skip
     """Shared body of ``train`` and ``finetune``: the click loop on synthetic + real crops."""
     import torch
@@ -161,6 +178,7 @@ def _run_click_training(
     from fastsam3d.training.loop import BatchSource, LoopConfig, click_loss, resolve_device, run
 
     synth, synth_given = _synthetic(synthetic, model.config.img_size)
+    zoom = _scale_range(real_scale)
     dev = resolve_device(device)
     real = _cases(data, cases, save_cases, dev)  # inputs first: a bad file stops before any write
     validate = _validator(val_cases, dev, model.config)
@@ -170,14 +188,15 @@ def _run_click_training(
     cfg = LoopConfig(
         steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
         device=str(dev), save_every=save_every, schedule_minutes=schedule_minutes,
-        val_every=val_every,
+        val_every=val_every, keep_every=keep_every,
         extra={**recipe, "rounds": rounds, "box_prob": box_prob, "real_fraction": real_fraction,
+               "real_scale": list(zoom),
                "targets_per_image": targets, "pool": pool, "synthetic": synth_given,
                "real_cases": [c.name for c in real or []]},
     )  # fmt: skip
     source = BatchSource(
         batch_size, dev, seed, real, real_fraction if real else 0.0,
-        synth, targets, pool, crop_spacing=model.config.crop_spacing_mm,
+        synth, targets, pool, crop_spacing=model.config.crop_spacing_mm, real_scale=zoom,
     )  # fmt: skip
     gen = torch.Generator(device=dev).manual_seed(seed + 1)
 
@@ -187,6 +206,17 @@ def _run_click_training(
     state = run(model, objective, source, cfg, out, resume=resume, console=console,
                 validate=validate)  # fmt: skip
     _report_done(state, out)
+
+
+def _scale_range(text: str) -> tuple[float, float]:
+    """``"0.7,1.5"`` -> (0.7, 1.5), checked: two positive numbers, MIN <= MAX."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--real-scale expects MIN,MAX, e.g. 0.7,1.5; got {text!r}")
+    if not 0 < low <= high:
+        raise typer.BadParameter(f"--real-scale needs 0 < MIN <= MAX, got {text!r}")
+    return low, high
 
 
 def _validator(val_cases: Path | None, device, config):
@@ -241,6 +271,8 @@ def train(
     synthetic: SynthOpt = None,
     val_cases: ValCasesOpt = None,
     val_every: ValEveryOpt = 250,
+    keep_every: KeepEveryOpt = 0,
+    real_scale: RealScaleOpt = "0.85,1.15",
 ) -> None:
     """Train a model from scratch with the interactive click loop (synthetic + real crops)."""
     import torch
@@ -254,7 +286,7 @@ def train(
         _run_click_training(
             model, out, data, cases, save_cases, steps, batch_size, lr, max_minutes,
             schedule_minutes, rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
-            targets, pool, synthetic, val_cases, val_every,
+            targets, pool, synthetic, val_cases, val_every, keep_every, real_scale,
         )  # fmt: skip
 
 
@@ -284,6 +316,8 @@ def finetune(
     synthetic: SynthOpt = None,
     val_cases: ValCasesOpt = None,
     val_every: ValEveryOpt = 250,
+    keep_every: KeepEveryOpt = 0,
+    real_scale: RealScaleOpt = "0.85,1.15",
     freeze_encoder: Annotated[
         bool,
         typer.Option(
@@ -324,7 +358,7 @@ def finetune(
         _run_click_training(
             model, out, data, cases, None, steps, batch_size, lr, max_minutes, schedule_minutes,
             rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe,
-            targets, pool, synthetic, val_cases, val_every,
+            targets, pool, synthetic, val_cases, val_every, keep_every, real_scale,
         )  # fmt: skip
 
 
@@ -363,6 +397,8 @@ def distill(
     synthetic: SynthOpt = None,
     val_cases: ValCasesOpt = None,
     val_every: ValEveryOpt = 250,
+    keep_every: KeepEveryOpt = 0,
+    real_scale: RealScaleOpt = "0.85,1.15",
 ) -> None:
     """Distil a teacher's image encoder into a student (three schedules, see MODEL_CARD.md)."""
     import torch
@@ -375,6 +411,7 @@ def distill(
         torch.manual_seed(seed)
         student_model = build_model(student, **_overrides(set_))
         synth, synth_given = _synthetic(synthetic, student_model.config.img_size)
+        zoom = _scale_range(real_scale)
         dev = resolve_device(device)
         teacher_model = build_model(checkpoint=teacher, device=dev)
         distiller = Distiller(
@@ -386,14 +423,16 @@ def distill(
         cfg = LoopConfig(
             steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
             device=str(dev), save_every=save_every, schedule_minutes=schedule_minutes,
-            val_every=val_every,
+            val_every=val_every, keep_every=keep_every,
             extra={"command": "distill", "teacher": str(teacher), "student": student,
                    "overrides": _overrides(set_), "schedule": schedule,
-                   "feature_loss": feature_loss, "synthetic": synth_given},
+                   "feature_loss": feature_loss, "synthetic": synth_given,
+                   "real_scale": list(zoom)},
         )  # fmt: skip
         source = BatchSource(
             batch_size, dev, seed, real, real_fraction if real else 0.0,
             synth, targets, pool, crop_spacing=student_model.config.crop_spacing_mm,
+            real_scale=zoom,
         )  # fmt: skip
         state = run(student_model, distiller.objective, source, cfg, out, extra=distiller,
                     resume=resume, console=console, validate=validate)  # fmt: skip

@@ -192,9 +192,15 @@ def _read_cases(path: Path, device: torch.device | str) -> list[Case]:
     return cases
 
 
-def _augment_affine(affine: np.ndarray, pivot: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``affine`` composed with a random rotation (<= 15 deg per axis) and scale (0.85..1.15)
-    about the RAS point ``pivot``: the volume is sampled as if rotated/scaled about the click."""
+def _augment_affine(
+    affine: np.ndarray,
+    pivot: np.ndarray,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.85, 1.15),
+) -> np.ndarray:
+    """``affine`` composed with a random rotation (<= 15 deg per axis) and a zoom uniform in
+    ``scale`` about the RAS point ``pivot``: the volume is sampled as if rotated/scaled about
+    the click (zoom s shows the anatomy s times larger, as a crop spacing of 1/s would)."""
     angles = rng.uniform(-math.pi / 12, math.pi / 12, size=3)
     rot = np.eye(3)
     for axis, a in enumerate(angles):
@@ -203,7 +209,7 @@ def _augment_affine(affine: np.ndarray, pivot: np.ndarray, rng: np.random.Genera
         r = np.eye(3)
         r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
         rot = rot @ r
-    lin = rot * rng.uniform(0.85, 1.15)
+    lin = rot * rng.uniform(*scale)
     aug = np.eye(4)
     aug[:3, :3] = lin
     aug[:3, 3] = pivot - lin @ pivot
@@ -219,12 +225,14 @@ class RealCropSampler:
         seed: int = 0,
         size: int = CROP_SIZE,
         spacing: float = MODEL_SPACING_MM,
+        scale: tuple[float, float] = (0.85, 1.15),
     ) -> None:
         if not cases:
             raise FastSAM3DError("RealCropSampler needs at least one case with objects")
         self.cases = cases
         self.size = size
         self.spacing = spacing  # mm per crop voxel: the model's crop_spacing_mm
+        self.scale = scale  # range of the zoom about the click (_augment_affine)
         self.index = [(ci, v) for ci, c in enumerate(cases) for v in c.objects]
         self.rng = np.random.default_rng(seed)
 
@@ -243,7 +251,7 @@ class RealCropSampler:
             cand = case.objects[value]
             voxel = cand[self.rng.integers(cand.shape[0])].cpu().numpy().astype(np.float64)
             ras = (case.affine @ np.append(voxel, 1.0))[:3]
-            affine = _augment_affine(case.affine, ras, self.rng)
+            affine = _augment_affine(case.affine, ras, self.rng, self.scale)
             centre = ras + self.rng.uniform(-6.0, 6.0, size=3)  # the Session snaps crop origins
             grid = CropGrid.around(centre, self.spacing, size=self.size)
             image = sample_crop(case.image, affine, grid)

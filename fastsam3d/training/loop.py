@@ -68,7 +68,7 @@ class BatchSource:
     transposed at random, with fresh targets and intensity jitter) of which ``refresh``
     are regenerated every batch: the generator costs more than a training step on a GPU.
     Real crops are sampled at ``crop_spacing`` mm per voxel (the model's ``crop_spacing_mm``,
-    so that a model trains at the spacing it is used at).
+    so that a model trains at the spacing it is used at), zoomed by a factor in ``real_scale``.
     """
 
     def __init__(
@@ -83,13 +83,16 @@ class BatchSource:
         pool_size: int = 0,
         refresh: int = 2,
         crop_spacing: float = MODEL_SPACING_MM,
+        real_scale: tuple[float, float] = (0.85, 1.15),
     ) -> None:
         self.batch_size = batch_size
         self.device = device
         self.synthetic = synthetic or SyntheticConfig()
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.real = (
-            RealCropSampler(cases, seed, self.synthetic.size, crop_spacing) if cases else None
+            RealCropSampler(cases, seed, self.synthetic.size, crop_spacing, real_scale)
+            if cases
+            else None
         )
         self.n_real = round(batch_size * real_fraction) if cases else 0
         self.targets = targets_per_image
@@ -327,6 +330,7 @@ class LoopConfig:
     max_minutes: float | None = None  # stop this session after this much wall-clock (total)
     schedule_minutes: float | None = None  # horizon of the time-driven schedule (default max)
     save_every: int = 250
+    keep_every: int = 0  # also keep the weights every N steps in snapshots/ (0: never)
     val_every: int = 250  # steps between validations (when run() is given a validator)
     log_every: int = 10
     seed: int = 0
@@ -479,6 +483,12 @@ def run(
         _save_state(out, model, extra, opt, state)
         return state
 
+    def keep(s: int) -> None:
+        from fastsam3d.checkpoint import save_safetensors
+
+        path = out / "snapshots" / f"step_{s:06d}.safetensors"
+        save_safetensors(model, path, overwrite=True)
+
     def progress_of(s: int) -> float:
         p = s / cfg.steps
         if budget_s:
@@ -490,8 +500,11 @@ def run(
         return s >= cfg.steps or progress_of(s) >= 1.0 or over_time
 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
-    if validate is not None and step == 0:
-        validation(0)  # where a fresh run starts (e.g. the weights a fine-tune begins from)
+    if step == 0:  # where a fresh run starts (e.g. the weights a fine-tune begins from)
+        if validate is not None:
+            validation(0)
+        if cfg.keep_every:
+            keep(0)
     with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=step, info="")
         last_save = step
@@ -533,6 +546,8 @@ def run(
             if step - last_save >= cfg.save_every or finished(step):
                 state = save(step, row)
                 last_save = step
+            if cfg.keep_every and step % cfg.keep_every == 0:
+                keep(step)
     writer_file.close()
     if not state:  # the budget ran out before a step (in the step-0 validation, or a resume)
         state = save(step, None)
