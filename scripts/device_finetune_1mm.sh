@@ -11,21 +11,21 @@
 #            ft_zoom     the same, real crops zoomed 0.67-1.5x about their click (--real-scale):
 #                        each real object at spacings of 0.67-1.5 mm, for four training volumes
 #            ft_zoom_mm  ft_zoom with --multimask (SAM's multimask first click)
-#            and the evaluator (scripts/eval_prepared.py on CUDA, in the background)
+#            and the evaluator (scripts/eval_prepared.py, in the background)
 #   call 2:  bash scripts/device_finetune_1mm.sh watch
 #   call 3:  bash scripts/device_finetune_1mm.sh finish   waits for the runs, scores what is
-#            left, prints the table, returns the logs, every results.csv and the two best
+#            left (the last weights first, for at most EVAL_S seconds), prints the table, returns the logs, every results.csv and the two best
 #            weights (int8, 15 MiB parts: `cat NAME_part_* > NAME.safetensors`)
 #   here:    python scripts/paired_eval.py evals/A evals/B; bash scripts/eval45.sh on the CPU
 RUNS="ft ft_zoom ft_zoom_mm"
 . "$(dirname "$0")/device_lib.sh"
 EVALS=/tmp/evals
 
-eval_pass() {  # score every snapshot (and its mean with the run's start) not scored yet
+eval_pass() {  # score every snapshot (and its mean with the run's start) not scored yet, the
+  # runs' last weights first, on the CPU, EVAL_JOBS at a time with 2 threads each
   local todo=() f run step soup
   mkdir -p "$EVALS" /tmp/soups
-  for f in /tmp/{ft,ft_zoom,ft_zoom_mm}/snapshots/step_*.safetensors; do
-    [ -f "$f" ] || continue
+  for f in $(ls /tmp/{ft,ft_zoom,ft_zoom_mm}/snapshots/step_*.safetensors 2>/dev/null | sort -t/ -k5 -r); do
     run=$(basename "$(dirname "$(dirname "$f")")") step=$(basename "$f" .safetensors)
     if [ "$step" = step_000000 ]; then  # the start: v5 (with copied multimask heads in _mm)
       [ "$run" = ft ] && [ ! -f "$EVALS/${run}_$step/results.csv" ] && todo+=("$f")
@@ -38,14 +38,8 @@ eval_pass() {  # score every snapshot (and its mean with the run's start) not sc
     [ -f "$EVALS/$(basename "$soup" .safetensors)/results.csv" ] || todo+=("$soup")
   done
   [ ${#todo[@]} -gt 0 ] || return 1
-  local half=$(( (${#todo[@]} + 1) / 2 ))  # two evaluations at a time
-  python3 scripts/eval_prepared.py --device "${EVAL_DEVICE:-cuda}" --out "$EVALS" \
-    "${todo[@]:0:half}" >> /tmp/evals.jsonl 2>> /tmp/evals.err &
-  if [ ${#todo[@]} -gt 1 ]; then
-    python3 scripts/eval_prepared.py --device "${EVAL_DEVICE:-cuda}" --out "$EVALS" \
-      "${todo[@]:half}" >> /tmp/evals.jsonl 2>> /tmp/evals.err
-  fi
-  wait
+  printf '%s\n' "${todo[@]}" | OMP_NUM_THREADS=2 xargs -P "${EVAL_JOBS:-4}" -I{} \
+    python3 scripts/eval_prepared.py --device cpu --out "$EVALS" {} >> /tmp/evals.jsonl 2>> /tmp/evals.err
 }
 
 table() {  # the scores so far, best first by the selection labels (mean over all 11 steps)
@@ -76,13 +70,17 @@ start)
   sleep "${SLEEP:-540}"; progress; table; tail -3 /tmp/evals.err ;;
 loop)  # the background evaluator
   while true; do eval_pass || sleep 10; done ;;
+pass)
+  eval_pass ;;
 watch)
   sleep "${SLEEP:-560}"; progress; table ;;
 finish)
   wait_runs; progress
   for r in $RUNS; do cp "/tmp/$r/model.safetensors" "/tmp/$r/snapshots/step_final.safetensors"; done
   kill -- -"$(cat /tmp/evaluator.pid)"; sleep 1
-  eval_pass; table | tee "$OUT/table.txt"
+  setsid bash "$0" pass & pid=$!  # for EVAL_S seconds at most (session 17's unbounded pass
+  (sleep "${EVAL_S:-240}"; kill -- -"$pid") > /dev/null 2>&1 & timer=$!  # ran out of device time)
+  wait "$pid"; kill "$timer" 2> /dev/null; table | tee "$OUT/table.txt"
   pack_runs $RUNS
   cp /tmp/evals.jsonl "$OUT/"; tar czf "$OUT/evals.tar.gz" -C /tmp evals
   for name in $(python3 -c "
