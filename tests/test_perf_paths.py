@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -68,6 +69,19 @@ def test_int8_leaves_the_callers_model_float():
     pred = Predictor(model, "cpu", quantize="int8")
     assert type(model.image_encoder.blocks[0].mlp.lin1) is torch.nn.Linear
     assert pred.model.image_encoder is not model.image_encoder
+
+
+def test_cpu_bf16_without_bf16_units_warns(monkeypatch):
+    """Emulated bfloat16 is far slower than fp32: a CPU without AMX / AVX512-BF16 says so."""
+    from fastsam3d import predictor
+
+    monkeypatch.setattr(predictor, "cpu_bf16_units", list)
+    with pytest.warns(RuntimeWarning, match="no bfloat16 matrix units"):
+        Predictor(_small_model(), "cpu", dtype="bf16")
+    monkeypatch.setattr(predictor, "cpu_bf16_units", lambda: ["AMX"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        Predictor(_small_model(), "cpu", dtype="bf16")
 
 
 def test_cpu_bf16_stores_the_encoders_matrix_weights_in_a_copy():
