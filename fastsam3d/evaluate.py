@@ -93,15 +93,18 @@ def dice_nsd(
         return 1.0, 1.0
     if not pred.any() or not gt.any():
         return 0.0, 0.0
+    margin = (
+        0 if tolerance_mm is None else int(np.ceil(tolerance_mm / float(np.min(spacing_mm)))) + 2
+    )
+    box = _bbox(union, margin, pred.shape)
+    pred, gt = pred[box], gt[box]
     dice = 2.0 * np.count_nonzero(pred & gt) / (np.count_nonzero(pred) + np.count_nonzero(gt))
     if tolerance_mm is None:
         return dice, float("nan")
     from monai.metrics import compute_surface_dice
 
-    margin = int(np.ceil(tolerance_mm / float(np.min(spacing_mm)))) + 2
-    box = _bbox(union, margin, pred.shape)
-    p = torch.from_numpy(np.ascontiguousarray(pred[box]))[None, None].float()
-    g = torch.from_numpy(np.ascontiguousarray(gt[box]))[None, None].float()
+    p = torch.from_numpy(np.ascontiguousarray(pred))[None, None].float()
+    g = torch.from_numpy(np.ascontiguousarray(gt))[None, None].float()
     nsd = float(
         compute_surface_dice(
             p, g, [tolerance_mm], include_background=True, spacing=[float(s) for s in spacing_mm]

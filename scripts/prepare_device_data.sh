@@ -5,12 +5,12 @@
 #                           label of the 45-label evaluation list of ts_abdomen_ct (report_labels.txt) (23 organs,
 #                           vessels, bones, muscles) and the breast lesion. Report the evaluation
 #                           table on all 45 labels and on the other 22 (never used for selection).
-#   eval45.safetensors      the sample CT and its labels as arrays, for scripts/eval_prepared.py
-#                           (the 45-label evaluation where nibabel and MONAI are missing)
 #                           Session 6 selected on the 16 labels outside the 45 (ribs, adrenals, T11,
 #                           a lung lobe) instead: that crop-level score ranked 7 checkpoints against
 #                           the native 45-label evaluation with Spearman -0.29; the same score on
 #                           the 45 labels ranked them with +0.82 (MODEL_CARD.md).
+#   eval45.safetensors      the sample CT and its labels as arrays, for scripts/eval_prepared.py
+#                           (the 45-label evaluation where nibabel and MONAI are missing)
 set -euo pipefail
 DATA=${DATA:-$(cd "$(dirname "$0")/../../shared/data" && pwd)}
 mkdir -p .device_carry /tmp/fastsam3d_train_data

@@ -68,10 +68,10 @@ KeepEveryOpt = Annotated[
     ),
 ]
 RealScaleOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         help="MIN,MAX of the random zoom of real crops about their click (1: the model's crop "
-        "spacing); a wider range shows each real object at more sizes."
+        "spacing; default 0.85,1.15); a wider range shows each real object at more sizes."
     ),
 ]
 TargetsOpt = Annotated[
@@ -170,7 +170,7 @@ def _run_click_training(
     rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe: dict[str, Any],
     targets: int = 1, pool: int = 0, synthetic: list[str] | None = None,
     val_cases: Path | None = None, val_every: int = 250, keep_every: int = 0,
-    real_scale: str = "0.85,1.15",
+    real_scale: str | None = None,
 ) -> None:  # fmt: skip
     """Shared body of ``train`` and ``finetune``: the click loop on synthetic + real crops."""
     import torch
@@ -208,8 +208,13 @@ def _run_click_training(
     _report_done(state, out)
 
 
-def _scale_range(text: str) -> tuple[float, float]:
-    """``"0.7,1.5"`` -> (0.7, 1.5), checked: two positive numbers, MIN <= MAX."""
+def _scale_range(text: str | None) -> tuple[float, float]:
+    """``"0.7,1.5"`` -> (0.7, 1.5), checked: two positive numbers, MIN <= MAX; None -> the
+    sampler's default range."""
+    if text is None:
+        from fastsam3d.training.data import REAL_ZOOM
+
+        return REAL_ZOOM
     try:
         low, high = (float(v) for v in text.split(","))
     except ValueError:
@@ -272,7 +277,7 @@ def train(
     val_cases: ValCasesOpt = None,
     val_every: ValEveryOpt = 250,
     keep_every: KeepEveryOpt = 0,
-    real_scale: RealScaleOpt = "0.85,1.15",
+    real_scale: RealScaleOpt = None,
 ) -> None:
     """Train a model from scratch with the interactive click loop (synthetic + real crops)."""
     import torch
@@ -317,7 +322,7 @@ def finetune(
     val_cases: ValCasesOpt = None,
     val_every: ValEveryOpt = 250,
     keep_every: KeepEveryOpt = 0,
-    real_scale: RealScaleOpt = "0.85,1.15",
+    real_scale: RealScaleOpt = None,
     freeze_encoder: Annotated[
         bool,
         typer.Option(
@@ -398,7 +403,7 @@ def distill(
     val_cases: ValCasesOpt = None,
     val_every: ValEveryOpt = 250,
     keep_every: KeepEveryOpt = 0,
-    real_scale: RealScaleOpt = "0.85,1.15",
+    real_scale: RealScaleOpt = None,
 ) -> None:
     """Distil a teacher's image encoder into a student (three schedules, see MODEL_CARD.md)."""
     import torch

@@ -192,11 +192,15 @@ def _read_cases(path: Path, device: torch.device | str) -> list[Case]:
     return cases
 
 
+#: default range of the random zoom of real crops about their click (``RealCropSampler``)
+REAL_ZOOM = (0.85, 1.15)
+
+
 def _augment_affine(
     affine: np.ndarray,
     pivot: np.ndarray,
     rng: np.random.Generator,
-    scale: tuple[float, float] = (0.85, 1.15),
+    scale: tuple[float, float] = REAL_ZOOM,
 ) -> np.ndarray:
     """``affine`` composed with a random rotation (<= 15 deg per axis) and a zoom uniform in
     ``scale`` about the RAS point ``pivot``: the volume is sampled as if rotated/scaled about
@@ -225,7 +229,7 @@ class RealCropSampler:
         seed: int = 0,
         size: int = CROP_SIZE,
         spacing: float = MODEL_SPACING_MM,
-        scale: tuple[float, float] = (0.85, 1.15),
+        scale: tuple[float, float] = REAL_ZOOM,
     ) -> None:
         if not cases:
             raise FastSAM3DError("RealCropSampler needs at least one case with objects")

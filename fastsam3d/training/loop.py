@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from fastsam3d.atomic import atomic_path, write_text
 from fastsam3d.errors import FastSAM3DError
 from fastsam3d.simulate import Rule, next_click
-from fastsam3d.training.data import Case, RealCropSampler
+from fastsam3d.training.data import REAL_ZOOM, Case, RealCropSampler
 from fastsam3d.training.losses import dice_ce_loss, dice_ce_per_mask, iou_head_loss
 from fastsam3d.training.synthetic import SyntheticConfig, generate, pick_targets
 from fastsam3d.transforms import MODEL_SPACING_MM, normalize_crop, upsample_logits
@@ -83,7 +83,7 @@ class BatchSource:
         pool_size: int = 0,
         refresh: int = 2,
         crop_spacing: float = MODEL_SPACING_MM,
-        real_scale: tuple[float, float] = (0.85, 1.15),
+        real_scale: tuple[float, float] = REAL_ZOOM,
     ) -> None:
         self.batch_size = batch_size
         self.device = device
