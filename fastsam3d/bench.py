@@ -915,7 +915,9 @@ def bench_onnx(
     model_factory: Callable[[], torch.nn.Module], folder: str | Path, repeats: int = 5
 ) -> dict:
     """onnxruntime (CPU) beside torch eager fp32 (CPU) on the same crop and clicks: largest
-    logit difference, mask Dice, and the encoder / click times with ratios (torch / ort)."""
+    logit difference, mask Dice, and the encoder / click times with ratios (torch / ort), both
+    on all of torch's threads (onnxruntime's default is one per core; the predictor's default
+    one-thread click would make the ratio a thread count's)."""
     from fastsam3d.export import OnnxPredictor, export_onnx
 
     model = model_factory()
@@ -923,7 +925,9 @@ def bench_onnx(
     export_onnx(model, folder)
     export_s = time.perf_counter() - t0
     crop, click = synthetic_crop()
-    torch_p, ort_p = Predictor(model, "cpu"), OnnxPredictor(folder)
+    threads = torch.get_num_threads()
+    torch_p = Predictor(model, "cpu", click_threads=None)
+    ort_p = OnnxPredictor(folder, threads=threads)
     pts, lbl = np.stack([click, click + [10, 0, 0]]), np.array([1, 0])
     zeros = np.zeros((1, 1, LOW_RES, LOW_RES, LOW_RES), np.float32)
     cpu = torch.device("cpu")
@@ -948,6 +952,7 @@ def bench_onnx(
     got_t = torch.from_numpy(got)
     return {
         "kind": "onnx",
+        "threads": threads,
         "export_s": export_s,
         "max_abs_logit_diff": float((got_t - ref).abs().max()),
         "dice": dice(got_t > 0, ref > 0),
