@@ -17,7 +17,9 @@ python3 -m fastsam3d train --out "$RUN" --resume --cases .device_carry/real_trai
   --max-minutes "$1" --schedule-minutes "$2" ${EXTRA:-} > "$RUN.stdout" 2>&1
 echo "train exit code $?"; tail -c 1500 "$RUN.stdout" | tr '\r' '\n' | tail -8
 cp "$RUN/log.csv" "$OUT/log.csv"; tail -3 "$RUN/log.csv"
-rm -f /tmp/m.safetensors
-python3 -m fastsam3d convert "$RUN/model.safetensors" /tmp/m.safetensors --dtype "${3:-int8}" \
-  && split -b 15m /tmp/m.safetensors "$OUT/part_"
+# Converted beside the run, not in a shared /tmp file: runs side by side (RUN=/tmp/a OUT=$OUT/a
+# ... & RUN=/tmp/b OUT=$OUT/b ...) would otherwise return whichever conversion finished last.
+rm -f "$RUN.out.safetensors"
+python3 -m fastsam3d convert "$RUN/model.safetensors" "$RUN.out.safetensors" --dtype "${3:-int8}" \
+  && split -b 15m "$RUN.out.safetensors" "$OUT/part_"
 ls -la "$OUT"
