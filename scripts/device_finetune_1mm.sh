@@ -90,8 +90,6 @@ rows.sort(key=lambda r: -sum(r['selection'].values()))
 print(' '.join(r['name'] for r in rows[:2]))"); do
     src=/tmp/soups/$name.safetensors
     [ -f "$src" ] || src=/tmp/${name%%_step_*}/snapshots/step_${name#*_step_}.safetensors
-    python3 -m fastsam3d convert "$src" "/tmp/$name.int8.safetensors" --dtype int8 --overwrite \
-      && split -b 15m "/tmp/$name.int8.safetensors" "$OUT/${name}_part_"
-  done
-  ls -la "$OUT" ;;
+    ln -sfn "$src" "/tmp/$name.safetensors" && fetch "$name"
+  done ;;
 esac

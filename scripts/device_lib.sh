@@ -47,7 +47,7 @@ pack_runs() {  # RUN...: the runs' logs (and console output) as $OUT/runs.tar.gz
 fetch() {  # RUN/NAME...: int8 copies in 15 MiB parts (the tool returns files up to 16 MiB and
   # 64 MiB a call: two int8 models); rejoin with `cat RUN_NAME_part_* > RUN_NAME.safetensors`
   for w in "$@"; do
-    python3 -m fastsam3d convert "/tmp/$w.safetensors" "/tmp/${w/\//_}.int8.safetensors" --dtype int8 \
+    python3 -m fastsam3d convert "/tmp/$w.safetensors" "/tmp/${w/\//_}.int8.safetensors" --dtype int8 --overwrite \
       && split -b 15m "/tmp/${w/\//_}.int8.safetensors" "$OUT/${w/\//_}_part_"
   done
   ls -la "$OUT"

@@ -49,12 +49,11 @@ def save(path: Path) -> None:
 
 
 def means(rows: list, labels: set[int]) -> dict[str, float]:
-    """Mean model Dice per ``protocol/step`` over ``labels``."""
-    groups: dict[str, list[float]] = {}
-    for r in rows:
-        if r.label in labels:
-            groups.setdefault(f"{r.protocol}/{r.step}", []).append(r.dice)
-    return {k: round(float(np.mean(v)), 4) for k, v in sorted(groups.items())}
+    """Mean model Dice per ``protocol/step`` over ``labels`` (``evaluate.summarize``'s rows)."""
+    from fastsam3d.evaluate import summarize
+
+    mine = summarize([r for r in rows if r.label in labels])
+    return dict(sorted((f"{s['protocol']}/{s['step']}", round(s["dice"], 4)) for s in mine))
 
 
 def main() -> None:
