@@ -34,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fastsam3d.atomic import atomic_path, write_text
+from fastsam3d.checkpoint import read_checkpoint, save_safetensors
 from fastsam3d.errors import FastSAM3DError
 from fastsam3d.simulate import Rule, next_click
 from fastsam3d.training.data import REAL_ZOOM, Case, RealCropSampler
@@ -357,10 +359,6 @@ def lr_factor(progress: float, warmup_fraction: float, min_ratio: float) -> floa
 def _save_state(
     out: Path, model: nn.Module, extra: nn.Module | None, opt: torch.optim.Optimizer, state: dict
 ) -> None:
-    from safetensors.torch import save_file
-
-    from fastsam3d.checkpoint import save_safetensors
-
     save_safetensors(model, out / "model.safetensors", overwrite=True)
     if extra is not None and len(extra.state_dict()):
         with atomic_path(out / "extra.safetensors") as tmp:
@@ -373,10 +371,6 @@ def _save_state(
 def _load_state(
     out: Path, model: nn.Module, extra: nn.Module | None, opt: torch.optim.Optimizer
 ) -> dict:
-    from safetensors.torch import load_file
-
-    from fastsam3d.checkpoint import read_checkpoint
-
     model.load_state_dict(read_checkpoint(out / "model.safetensors")[0], strict=True)
     if extra is not None and (out / "extra.safetensors").exists():
         extra.load_state_dict(load_file(str(out / "extra.safetensors")), strict=True)
@@ -467,8 +461,6 @@ def run(
         _append_csv(out / "val.csv", row)
         console.print("validation: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
         if metrics["score"] > best.get("score", -1.0):
-            from fastsam3d.checkpoint import save_safetensors
-
             save_safetensors(model, out / "best.safetensors", overwrite=True)
             best.update(step=s, score=metrics["score"])
 
@@ -484,8 +476,6 @@ def run(
         return state
 
     def keep(s: int) -> None:
-        from fastsam3d.checkpoint import save_safetensors
-
         path = out / "snapshots" / f"step_{s:06d}.safetensors"
         save_safetensors(model, path, overwrite=True)
 
