@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -170,9 +171,11 @@ def _run_click_training(
     rounds, box_prob, real_fraction, seed, device, resume, overwrite, save_every, recipe: dict[str, Any],
     targets: int = 1, pool: int = 0, synthetic: list[str] | None = None,
     val_cases: Path | None = None, val_every: int = 250, keep_every: int = 0,
-    real_scale: str | None = None,
+    real_scale: str | None = None, objective_for: Callable[[Any], tuple[Any, Any]] | None = None,
 ) -> None:  # fmt: skip
-    """Shared body of ``train`` and ``finetune``: the click loop on synthetic + real crops."""
+    """Shared body of ``train``, ``finetune`` and ``distill``: the loop on synthetic + real
+    crops. The objective is the click loss, or ``objective_for(device)`` -> (objective, module
+    whose state is saved beside the model) for distillation."""
     import torch
 
     from fastsam3d.training.loop import BatchSource, LoopConfig, click_loss, resolve_device, run
@@ -180,6 +183,14 @@ def _run_click_training(
     synth, synth_given = _synthetic(synthetic, model.config.img_size)
     zoom = _scale_range(real_scale)
     dev = resolve_device(device)
+    extra = None
+    if objective_for is None:
+        gen = torch.Generator(device=dev).manual_seed(seed + 1)
+
+        def objective(batch, progress):
+            return click_loss(model, batch, gen, rounds=rounds, box_prob=box_prob)
+    else:
+        objective, extra = objective_for(dev)
     real = _cases(data, cases, save_cases, dev)  # inputs first: a bad file stops before any write
     validate = _validator(val_cases, dev, model.config)
     _prepare_out(out, resume, overwrite)
@@ -198,12 +209,7 @@ def _run_click_training(
         batch_size, dev, seed, real, real_fraction if real else 0.0,
         synth, targets, pool, crop_spacing=model.config.crop_spacing_mm, real_scale=zoom,
     )  # fmt: skip
-    gen = torch.Generator(device=dev).manual_seed(seed + 1)
-
-    def objective(batch, progress):
-        return click_loss(model, batch, gen, rounds=rounds, box_prob=box_prob)
-
-    state = run(model, objective, source, cfg, out, resume=resume, console=console,
+    state = run(model, objective, source, cfg, out, extra=extra, resume=resume, console=console,
                 validate=validate)  # fmt: skip
     _report_done(state, out)
 
@@ -410,38 +416,28 @@ def distill(
 
     from fastsam3d.registry import build_model
     from fastsam3d.training.distill import Distiller
-    from fastsam3d.training.loop import BatchSource, LoopConfig, resolve_device, run
 
     with user_errors(ValueError):
         torch.manual_seed(seed)
         student_model = build_model(student, **_overrides(set_))
-        synth, synth_given = _synthetic(synthetic, student_model.config.img_size)
-        zoom = _scale_range(real_scale)
-        dev = resolve_device(device)
-        teacher_model = build_model(checkpoint=teacher, device=dev)
-        distiller = Distiller(
-            student_model, teacher_model, schedule, rounds, box_prob, feature_loss
-        )
-        real = _cases(data, cases, None, dev)  # inputs first: a bad file stops before any write
-        validate = _validator(val_cases, dev, student_model.config)
-        _prepare_out(out, resume, overwrite)
-        cfg = LoopConfig(
-            steps=steps, batch_size=batch_size, lr=lr, max_minutes=max_minutes, seed=seed,
-            device=str(dev), save_every=save_every, schedule_minutes=schedule_minutes,
-            val_every=val_every, keep_every=keep_every,
-            extra={"command": "distill", "teacher": str(teacher), "student": student,
-                   "overrides": _overrides(set_), "schedule": schedule,
-                   "feature_loss": feature_loss, "synthetic": synth_given,
-                   "real_scale": list(zoom)},
+
+        def distiller_on(dev) -> tuple[Any, Distiller]:
+            teacher_model = build_model(checkpoint=teacher, device=dev)
+            distiller = Distiller(
+                student_model, teacher_model, schedule, rounds, box_prob, feature_loss
+            )
+            return distiller.objective, distiller
+
+        recipe = {
+            "command": "distill", "teacher": str(teacher), "student": student,
+            "overrides": _overrides(set_), "schedule": schedule, "feature_loss": feature_loss,
+        }  # fmt: skip
+        _run_click_training(
+            student_model, out, data, cases, None, steps, batch_size, lr, max_minutes,
+            schedule_minutes, rounds, box_prob, real_fraction, seed, device, resume, overwrite,
+            save_every, recipe, targets, pool, synthetic, val_cases, val_every, keep_every,
+            real_scale, objective_for=distiller_on,
         )  # fmt: skip
-        source = BatchSource(
-            batch_size, dev, seed, real, real_fraction if real else 0.0,
-            synth, targets, pool, crop_spacing=student_model.config.crop_spacing_mm,
-            real_scale=zoom,
-        )  # fmt: skip
-        state = run(student_model, distiller.objective, source, cfg, out, extra=distiller,
-                    resume=resume, console=console, validate=validate)  # fmt: skip
-        _report_done(state, out)
 
 
 @app.command()
