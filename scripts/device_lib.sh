@@ -1,6 +1,6 @@
-# Shell functions the device scripts share (sourced by device_study.sh, device_distill.sh and
-# device_multimask.sh). Runs live in /tmp/NAME (log.csv, val.csv, state.json, stdout.txt); what
-# comes back goes to $OUT. $RUNS names the script's runs.
+# Shell functions the device scripts share (sourced by device_train.sh, device_study.sh,
+# device_distill.sh, device_multimask.sh and the others). Runs live in /tmp/NAME (log.csv,
+# val.csv, state.json, stdout.txt); what comes back goes to $OUT. $RUNS names the script's runs.
 
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -44,12 +44,15 @@ pack_runs() {  # RUN...: the runs' logs (and console output) as $OUT/runs.tar.gz
     [ -f "/tmp/$r/$f" ] && echo "$r/$f"; done; done)
 }
 
-fetch() {  # RUN/NAME...: int8 copies in 15 MiB parts (the tool returns files up to 16 MiB and
-  # 64 MiB a call: two int8 models); rejoin with `cat RUN_NAME_part_* > RUN_NAME.safetensors`
-  for w in "$@"; do
-    python3 -m fastsam3d convert "/tmp/$w.safetensors" "/tmp/${w/\//_}.int8.safetensors" --dtype int8 --overwrite \
-      && split -b 15m "/tmp/${w/\//_}.int8.safetensors" "$OUT/${w/\//_}_part_"
-  done
+send() {  # WEIGHTS PREFIX [DTYPE]: WEIGHTS converted to DTYPE (int8) beside itself and split into
+  # 15 MiB parts $OUT/PREFIXpart_* (the tool returns files up to 16 MiB and 64 MiB a call: two
+  # int8 models); rejoin with `cat PREFIXpart_* > NAME.safetensors`
+  local out="${1%.safetensors}.${3:-int8}.safetensors"
+  python3 -m fastsam3d convert "$1" "$out" --dtype "${3:-int8}" --overwrite && split -b 15m "$out" "$OUT/${2}part_"
+}
+
+fetch() {  # RUN/NAME...: int8 copies as $OUT/RUN_NAME_part_*
+  for w in "$@"; do send "/tmp/$w.safetensors" "${w/\//_}_"; done
   ls -la "$OUT"
 }
 

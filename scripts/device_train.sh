@@ -6,10 +6,9 @@
 # Each call trains until TOTAL_MIN minutes of the run have passed (resuming RUN, default
 # /tmp/run, which a warm machine keeps between calls), then leaves log.csv and the weights, split
 # into 15 MiB parts (the tool returns files up to 16 MiB), in $OUT: `cat part_* > model.safetensors`.
-set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+. "$(dirname "$0")/device_lib.sh"
 RUN=${RUN:-/tmp/run}
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+gpu_info
 python3 -m fastsam3d train --out "$RUN" --resume --cases .device_carry/real_train.safetensors \
   --set embed_dim=384 --set num_heads=6 --steps 1000000 --batch-size 16 --targets 4 --pool 768 \
   --lr 5e-4 --rounds 5 --box-prob 0.2 --real-fraction 0.25 --seed 0 --save-every 400 \
@@ -17,9 +16,7 @@ python3 -m fastsam3d train --out "$RUN" --resume --cases .device_carry/real_trai
   --max-minutes "$1" --schedule-minutes "$2" ${EXTRA:-} > "$RUN.stdout" 2>&1
 echo "train exit code $?"; tail -c 1500 "$RUN.stdout" | tr '\r' '\n' | tail -8
 cp "$RUN/log.csv" "$OUT/log.csv"; tail -3 "$RUN/log.csv"
-# Converted beside the run, not in a shared /tmp file: runs side by side (RUN=/tmp/a OUT=$OUT/a
-# ... & RUN=/tmp/b OUT=$OUT/b ...) would otherwise return whichever conversion finished last.
-rm -f "$RUN.out.safetensors"
-python3 -m fastsam3d convert "$RUN/model.safetensors" "$RUN.out.safetensors" --dtype "${3:-int8}" \
-  && split -b 15m "$RUN.out.safetensors" "$OUT/part_"
+# send converts beside the run, not in a shared /tmp file: runs side by side (RUN=/tmp/a
+# OUT=$OUT/a ... & RUN=/tmp/b OUT=$OUT/b ...) would otherwise return whichever finished last.
+send "$RUN/model.safetensors" "" "${3:-int8}"
 ls -la "$OUT"
