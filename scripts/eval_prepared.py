@@ -63,7 +63,11 @@ def main() -> None:
     parser.add_argument("--case", type=Path, default=Path(".device_carry/eval45.safetensors"))
     parser.add_argument("--out", type=Path, default=Path("eval_prepared"))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument(
+        "--seed", type=lambda v: [int(x) for x in v.split(",")], default=[SEED],
+        help="click seeds, e.g. 2023,7; with several, each label is evaluated once per seed "
+        "(case sample_sSEED) and the means are over all of them",
+    )  # fmt: skip
     parser.add_argument("--labels", help="label ids, e.g. 1,2 (default: the 45; a quick check)")
     args = parser.parse_args()
     if args.save:
@@ -86,10 +90,14 @@ def main() -> None:
     }
     for ckpt in args.checkpoints:
         session = Session(model=str(ckpt), device=args.device)
-        rows = evaluate_case(
-            session, volume, label, labels, n_clicks=5, seed=args.seed,
-            baseline=False, tolerance_mm=None, case="sample",
-        )  # fmt: skip
+        rows = [
+            row
+            for seed in args.seed
+            for row in evaluate_case(
+                session, volume, label, labels, n_clicks=5, seed=seed, baseline=False,
+                tolerance_mm=None, case="sample" if len(args.seed) == 1 else f"sample_s{seed}",
+            )
+        ]  # fmt: skip
         name = (
             ckpt.stem
             if ckpt.parent.name != "snapshots"

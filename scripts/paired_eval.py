@@ -2,6 +2,9 @@
 
     python scripts/paired_eval.py runs/eval_A runs/eval_B
 
+A run evaluated on several click seeds (``eval_prepared.py --seed 2023,7``) counts each label
+once, with its Dice averaged over the seeds.
+
 For each protocol and step: mean Dice of A and of B, then A - B as mean ± standard error with
 (labels better / worse), over all 45 labels, over the 23 selection labels (every second one of
 scripts/report_labels.txt: the ones `--val-cases .device_carry/val_select.safetensors` picks
@@ -13,6 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from _labels import REPORT_LABELS
@@ -27,19 +31,22 @@ GROUPS = {
 
 
 def load(run: str) -> dict[tuple[str, int, int], float]:
-    """The model's Dice per (protocol, step, label) from a run's results.csv."""
+    """The model's Dice per (protocol, step, label) from a run's results.csv, averaged over its
+    cases (the click seeds of ``eval_prepared.py --seed A B``), so labels stay the paired unit."""
+    values: dict[tuple[str, int, int], list[float]] = defaultdict(list)
     with open(Path(run) / "results.csv") as f:
-        return {
-            (r["protocol"], int(r["step"]), int(r["label"])): float(r["dice"])
-            for r in csv.DictReader(f)
-            if r["method"] == "model"
-        }
+        for r in csv.DictReader(f):
+            if r["method"] == "model":
+                values[r["protocol"], int(r["step"]), int(r["label"])].append(float(r["dice"]))
+    return {k: sum(v) / len(v) for k, v in values.items()}
 
 
 def paired(a: dict, b: dict, keys: list) -> str:
     """``mean ± s.e. (better/worse)`` of a - b over ``keys``."""
     d = [a[k] - b[k] for k in keys]
     n = len(d)
+    if not n:
+        return "-"
     m = sum(d) / n
     se = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1) / n) if n > 1 else 0.0
     return f"{m:+.3f}±{se:.3f} ({sum(x > 0 for x in d)}/{sum(x < 0 for x in d)})"
