@@ -32,7 +32,7 @@ GROUPS = {
 
 def load(run: str) -> dict[tuple[str, int, int], float]:
     """The model's Dice per (protocol, step, label) from a run's results.csv, averaged over its
-    cases (the click seeds of ``eval_prepared.py --seed A B``), so labels stay the paired unit."""
+    cases (the click seeds of ``eval_prepared.py --seed A,B``), so labels stay the paired unit."""
     values: dict[tuple[str, int, int], list[float]] = defaultdict(list)
     with open(Path(run) / "results.csv") as f:
         for r in csv.DictReader(f):
