@@ -90,6 +90,7 @@ rows.sort(key=lambda r: -sum(r['selection'].values()))
 print(' '.join(r['name'] for r in rows[:2]))"); do
     src=/tmp/soups/$name.safetensors
     [ -f "$src" ] || src=/tmp/${name%%_step_*}/snapshots/step_${name#*_step_}.safetensors
-    ln -sfn "$src" "/tmp/$name.safetensors" && fetch "$name"
-  done ;;
+    send "$src" "${name}_"
+  done
+  ls -la "$OUT" ;;
 esac

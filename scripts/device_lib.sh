@@ -47,8 +47,9 @@ pack_runs() {  # RUN...: the runs' logs (and console output) as $OUT/runs.tar.gz
 send() {  # WEIGHTS PREFIX [DTYPE]: WEIGHTS converted to DTYPE (int8) beside itself and split into
   # 15 MiB parts $OUT/PREFIXpart_* (the tool returns files up to 16 MiB and 64 MiB a call: two
   # int8 models); rejoin with `cat PREFIXpart_* > NAME.safetensors`
-  local out="${1%.safetensors}.${3:-int8}.safetensors"
-  python3 -m fastsam3d convert "$1" "$out" --dtype "${3:-int8}" --overwrite && split -b 15m "$out" "$OUT/${2}part_"
+  local dtype=${3:-int8}
+  local out="${1%.safetensors}.$dtype.safetensors"
+  python3 -m fastsam3d convert "$1" "$out" --dtype "$dtype" --overwrite && split -b 15m "$out" "$OUT/${2}part_"
 }
 
 fetch() {  # RUN/NAME...: int8 copies as $OUT/RUN_NAME_part_*
